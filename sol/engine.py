@@ -1,0 +1,266 @@
+"""A plain-torch decoder over a frozen HF Llama/Qwen2 model's own weights, with per-row efficiency actions.
+
+The HF model is only a weight container: its embedding, norms, projections, rotary embedding and lm_head modules are
+called directly, and this module owns the orchestration (KV cache, attention, MLP), so every action is explicit:
+
+* ``extend(ids, cache)`` — dense, causal multi-token forward (prefill, dense refresh). It takes **no action
+  argument**: no action state can ever leak into a prefill (the reference's bug §12.1).
+* ``step(ids, cache, token_keep, prune_keep, bits)`` — one decode step; each batch row has its own action.
+  ``mode="simulate"`` masks keys, zeroes channels and fake-quantises over full-size tensors (what the reference
+  does); ``mode="compute"`` really does less work: it gathers only the kept KV pages for attention and reads only
+  the kept columns of W_gate/W_up (``embedding_bag`` with per-sample weights is a column-sparse GEMV). Both modes
+  give the same logits (tests). Activation quantisation is fake in both modes (no integer kernels on CPU); its cost
+  is charged bit-weighted by ``sol.cost``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from sol.actions import ActionSettings, fake_quant, keeps_all, select_tokens, topk_channels
+from sol.errors import SolError
+
+MODES = ("simulate", "compute")
+
+
+class KVCache:
+    """Per-layer key/value tensors [B, Hkv, capacity, hd]; every row holds the same number of positions."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], length: int = 0):
+        self.k, self.v, self.length = k, v, length
+
+    @classmethod
+    def empty(cls, n_layers, batch, n_kv, head_dim, capacity, dtype, device):
+        shape = (batch, n_kv, capacity, head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def reserve(self, length: int) -> None:
+        """Grow the capacity (doubling) so that ``length`` positions fit."""
+        if length <= self.capacity:
+            return
+        new = max(length, 2 * self.capacity)
+        grow = lambda t: torch.cat([t, t.new_zeros(t.shape[:2] + (new - t.shape[2], t.shape[3]))], 2)  # noqa: E731
+        self.k = [grow(t) for t in self.k]
+        self.v = [grow(t) for t in self.v]
+
+    def repeat_rows(self, n: int) -> "KVCache":
+        """Row r of the result is row r // n of this cache (B blocks → B·n rollout rows)."""
+        return KVCache([t.repeat_interleave(n, 0) for t in self.k], [t.repeat_interleave(n, 0) for t in self.v],
+                       self.length)
+
+    def clone(self) -> "KVCache":
+        return KVCache([t.clone() for t in self.k], [t.clone() for t in self.v], self.length)
+
+
+class Engine(nn.Module):
+    """Frozen-LM runtime. ``Engine(hf_model, settings, mode)``; see the module docstring."""
+
+    def __init__(self, hf_model, settings: ActionSettings | None = None, mode: str = "simulate"):
+        super().__init__()
+        cfg = hf_model.config
+        if cfg.model_type not in ("llama", "qwen2"):
+            raise SolError(f"unsupported architecture '{cfg.model_type}' for the runtime (llama, qwen2)")
+        if getattr(cfg, "use_sliding_window", False):
+            raise SolError("Qwen2 sliding-window attention is not supported by the runtime")
+        if mode not in MODES:
+            raise SolError(f"unknown execution mode '{mode}': use simulate or compute")
+        self.hf = hf_model
+        self.settings = settings or ActionSettings()
+        self.mode = mode
+        base = hf_model.model
+        self.embed, self.norm, self.rotary, self.lm_head = base.embed_tokens, base.norm, base.rotary_emb, hf_model.lm_head
+        self.layers = base.layers
+        attn = self.layers[0].self_attn
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.hidden = cfg.hidden_size
+        self._gate_up_t: dict[int, torch.Tensor] = {}  # compute mode: [D, 2I] row-major copies of W_gate|W_up
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    @property
+    def device(self):
+        return self.embed.weight.device
+
+    def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
+        return KVCache.empty(len(self.layers), batch, self.n_kv, self.head_dim, capacity, self.dtype, self.device)
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Dense multi-token forward (prefill and dense refresh)
+    # ---------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def extend(self, ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``ids [B, T]`` densely to ``cache``; return (logits [B, T, V], final hidden [B, T, D])."""
+        B, T = ids.shape
+        start = cache.length
+        cache.reserve(start + T)
+        x = self.embed(ids)
+        cos, sin = self._rope(start, T, B, x)
+        allowed = torch.ones(T, start + T, dtype=torch.bool, device=ids.device).tril(start)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(a, h, cos, sin)
+            cache.k[i][:, :, start:start + T] = k
+            cache.v[i][:, :, start:start + T] = v
+            keys, vals = cache.k[i][:, :, :start + T], cache.v[i][:, :, :start + T]
+            o = self._attend_dense(q, keys, vals, allowed)
+            x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache.length = start + T
+        hidden = self.norm(x)
+        return self.lm_head(hidden), hidden
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # One decode step with per-row actions
+    # ---------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, cache: KVCache, token_keep: torch.Tensor, prune_keep: torch.Tensor,
+             bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Process ``ids [B]`` at position ``cache.length`` under row-wise actions; return (logits [B,V], hidden [B,D])."""
+        B = ids.shape[0]
+        pos = cache.length
+        cache.reserve(pos + 1)
+        x = self.embed(ids).unsqueeze(1)  # [B,1,D]
+        cos, sin = self._rope(pos, 1, B, x)
+        kv_len = pos + 1
+        tk = [float(t) for t in token_keep.tolist()]
+        groups = _groups(tk, lambda t: 1.0 if keeps_all(t, kv_len, self.settings) else t)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            q, k, v = self._qkv(a, layer.input_layernorm(x), cos, sin)
+            cache.k[i][:, :, pos] = k[:, :, 0]
+            cache.v[i][:, :, pos] = v[:, :, 0]
+            keys, vals = cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len]
+            o = self._attend_step(q[:, :, 0], keys, vals, kv_len, groups)  # [B,Hq,hd]
+            x = x + a.o_proj(o.reshape(B, 1, -1))
+            x = x + self._mlp(i, layer.mlp, layer.post_attention_layernorm(x)[:, 0], prune_keep, bits).unsqueeze(1)
+        cache.length = kv_len
+        hidden = self.norm(x)[:, 0]
+        return self.lm_head(hidden), hidden
+
+    # ---------------------------------------------------------------------------------------------------------------
+    def _rope(self, start, T, B, x):
+        pos = torch.arange(start, start + T, device=x.device).unsqueeze(0).expand(B, -1)
+        return self.rotary(x, pos)
+
+    def _qkv(self, a, h, cos, sin):
+        B, T, _ = h.shape
+        q = a.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = a.v_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def _attend_dense(self, q, keys, vals, allowed):
+        """q [B,Hq,T,hd], keys/vals [B,Hkv,K,hd], allowed [T,K] or [B,Hq,T,K] bool → [B,Hq,T,hd] (eager maths)."""
+        B, Hq, T, hd = q.shape
+        g = Hq // self.n_kv
+        qg = q.reshape(B, self.n_kv, g * T, hd)
+        s = (qg @ keys.transpose(-1, -2)).view(B, Hq, T, -1) * self.scaling
+        s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
+        p = s.softmax(-1, dtype=torch.float32).to(q.dtype)
+        return (p.view(B, self.n_kv, g * T, -1) @ vals).view(B, Hq, T, hd)
+
+    def _attend_step(self, q, keys, vals, kv_len, groups):
+        """q [B,Hq,hd]; groups: {token_keep: row indices}. Returns [B,Hq,hd]."""
+        if list(groups) == [1.0]:
+            return self._attend_dense(q.unsqueeze(2), keys, vals, _ALL)[:, :, 0]
+        if self.mode == "simulate":
+            allowed = torch.ones(q.shape[0], q.shape[1], kv_len, dtype=torch.bool, device=q.device)
+            for t, rows in groups.items():
+                if t < 1.0:
+                    idx, valid = select_tokens(q[rows], keys[rows], kv_len, t, self.settings)
+                    m = torch.zeros(len(rows), q.shape[1], kv_len + 1, dtype=torch.bool, device=q.device)
+                    m.scatter_(-1, idx.masked_fill(~valid, kv_len), True)  # invalid slots land in a spare column
+                    allowed[rows] = m[..., :kv_len]
+            return self._attend_dense(q.unsqueeze(2), keys, vals, allowed.unsqueeze(2))[:, :, 0]
+        out = q.new_empty(q.shape)
+        for t, rows in groups.items():
+            qr, kr, vr = q[rows], keys[rows], vals[rows]
+            if t >= 1.0:
+                out[rows] = self._attend_dense(qr.unsqueeze(2), kr, vr, _ALL)[:, :, 0]
+                continue
+            idx, valid = select_tokens(qr, kr, kv_len, t, self.settings)
+            b = torch.arange(len(rows), device=q.device).view(-1, 1, 1)
+            h = (torch.arange(q.shape[1], device=q.device) // (q.shape[1] // self.n_kv)).view(1, -1, 1)
+            k_sel, v_sel = kr[b, h, idx], vr[b, h, idx]                      # [R,Hq,N,hd]: only the kept keys
+            s = (k_sel @ qr.unsqueeze(-1)).squeeze(-1) * self.scaling       # [R,Hq,N]
+            s = s.masked_fill(~valid, torch.finfo(s.dtype).min)
+            p = s.softmax(-1, dtype=torch.float32).to(q.dtype)
+            out[rows] = (p.unsqueeze(-2) @ v_sel).squeeze(-2)
+        return out
+
+    def _mlp(self, i, mlp, x, prune_keep, bits):
+        """x [B,D] → MLP output [B,D] under per-row prune keep and bits."""
+        s = self.settings
+        dense_bits = bool((bits >= 16).all())
+        in_bits = bits if not s.faithful else torch.full_like(bits, 16)
+        pk = [float(p) for p in prune_keep.tolist()]
+        groups = _groups(pk, lambda p: min(p, 1.0))
+        if self.mode == "compute" and any(p < 1.0 for p in groups):
+            gu = x.new_empty(x.shape[0], 2 * mlp.gate_proj.out_features)
+            for p, rows in groups.items():
+                xr = x[rows]
+                if p >= 1.0:
+                    gu[rows] = torch.cat([mlp.gate_proj(fake_quant(xr, in_bits[rows])),
+                                          mlp.up_proj(fake_quant(xr, in_bits[rows]))], -1)
+                    continue
+                idx = topk_channels(xr, p)                                   # [R,k]
+                xs = fake_quant(xr.gather(-1, idx), in_bits[rows])          # only the kept channels
+                k = idx.shape[1]
+                offsets = torch.arange(0, len(rows) * k, k, device=x.device)
+                gu[rows] = F.embedding_bag(idx.flatten(), self._gate_up(i, mlp), offsets, mode="sum",
+                                           per_sample_weights=xs.flatten())
+            if mlp.gate_proj.bias is not None:
+                gu = gu + torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
+            g, u = gu.chunk(2, -1)
+        else:
+            if any(p < 1.0 for p in groups):
+                keep = torch.ones_like(x, dtype=torch.bool)
+                for p, rows in groups.items():
+                    if p < 1.0:
+                        keep[rows] = torch.zeros(len(rows), x.shape[1], dtype=torch.bool, device=x.device).scatter_(
+                            -1, topk_channels(x[rows], p), True)
+                x = x * keep
+            xq = x if dense_bits else fake_quant(x, in_bits)
+            g, u = mlp.gate_proj(xq), mlp.up_proj(xq)
+        h = mlp.act_fn(g) * u
+        if not dense_bits and not s.faithful:
+            h = fake_quant(h, bits)
+        y = mlp.down_proj(h)
+        if s.faithful and not dense_bits:
+            y = fake_quant(y, bits)
+        return y
+
+    def _gate_up(self, i, mlp):
+        if i not in self._gate_up_t:
+            self._gate_up_t[i] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0).t().contiguous()
+        return self._gate_up_t[i]
+
+
+_ALL = torch.ones((), dtype=torch.bool)
+
+
+def _groups(values: list[float], key) -> dict[float, torch.Tensor]:
+    """Row indices grouped by ``key(value)``: rows sharing an action level run together."""
+    out: dict[float, list[int]] = {}
+    for r, v in enumerate(values):
+        out.setdefault(key(v), []).append(r)
+    return {k: torch.tensor(rows) for k, rows in out.items()}
+
