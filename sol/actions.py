@@ -175,11 +175,11 @@ def fake_quant(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 
 def n_kept_channels(prune_keep: float, dim: int) -> int:
-    return min(dim, max(1, math.ceil(prune_keep * dim - 1e-9)))
+    return min(dim, max(1, math.ceil(prune_keep * dim - 1e-6)))
 
 
 def n_budget_tokens(token_keep: float, kv_len: int) -> int:
-    return min(kv_len, max(0, math.ceil(token_keep * kv_len - 1e-9)))
+    return min(kv_len, max(0, math.ceil(token_keep * kv_len - 1e-6)))
 
 
 def token_layout(token_keep: float, kv_len: int, s: ActionSettings) -> tuple[int, int, int]:

@@ -87,7 +87,7 @@ class Engine(nn.Module):
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.hidden = cfg.hidden_size
-        self._gate_up_t: dict[int, torch.Tensor] = {}  # compute mode: [D, 2I] row-major copies of W_gate|W_up
+        self.mlps = nn.ModuleList(MLPStep(layer.mlp, self) for layer in self.layers)
 
     @property
     def dtype(self):
@@ -139,7 +139,7 @@ class Engine(nn.Module):
         x = self.embed(ids).unsqueeze(1)  # [B,1,D]
         cos, sin = self._rope(pos, 1, B, x)
         kv_len = pos + 1
-        tk = [float(t) for t in token_keep.tolist()]
+        tk = _levels(token_keep)
         groups = _groups(tk, lambda t: 1.0 if keeps_all(t, kv_len, self.settings) else t)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
@@ -149,7 +149,7 @@ class Engine(nn.Module):
             keys, vals = cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len]
             o = self._attend_step(q[:, :, 0], keys, vals, kv_len, groups)  # [B,Hq,hd]
             x = x + a.o_proj(o.reshape(B, 1, -1))
-            x = x + self._mlp(i, layer.mlp, layer.post_attention_layernorm(x)[:, 0], prune_keep, bits).unsqueeze(1)
+            x = x + self.mlps[i](layer.post_attention_layernorm(x)[:, 0], prune_keep, bits).unsqueeze(1)
         cache.length = kv_len
         hidden = self.norm(x)[:, 0]
         return self.lm_head(hidden), hidden
@@ -206,12 +206,31 @@ class Engine(nn.Module):
             out[rows] = (p.unsqueeze(-2) @ v_sel).squeeze(-2)
         return out
 
-    def _mlp(self, i, mlp, x, prune_keep, bits):
-        """x [B,D] → MLP output [B,D] under per-row prune keep and bits."""
-        s = self.settings
+class MLPStep(nn.Module):
+    """One layer's MLP for a decode step, x [B,D] → [B,D], under per-row prune keep and bits.
+
+    A module of its own so that FLOP counters attribute its work (and its bit-weighting) to ``mlps.<layer>``.
+    """
+
+    def __init__(self, mlp, engine: "Engine"):
+        super().__init__()
+        self.mlp = mlp
+        self._engine = [engine]  # not a submodule
+        self._gate_up_t = None
+
+    @property
+    def settings(self):
+        return self._engine[0].settings
+
+    @property
+    def mode(self):
+        return self._engine[0].mode
+
+    def forward(self, x, prune_keep, bits):
+        mlp, s = self.mlp, self.settings
         dense_bits = bool((bits >= 16).all())
         in_bits = bits if not s.faithful else torch.full_like(bits, 16)
-        pk = [float(p) for p in prune_keep.tolist()]
+        pk = _levels(prune_keep)
         groups = _groups(pk, lambda p: min(p, 1.0))
         if self.mode == "compute" and any(p < 1.0 for p in groups):
             gu = x.new_empty(x.shape[0], 2 * mlp.gate_proj.out_features)
@@ -225,7 +244,7 @@ class Engine(nn.Module):
                 xs = fake_quant(xr.gather(-1, idx), in_bits[rows])          # only the kept channels
                 k = idx.shape[1]
                 offsets = torch.arange(0, len(rows) * k, k, device=x.device)
-                gu[rows] = F.embedding_bag(idx.flatten(), self._gate_up(i, mlp), offsets, mode="sum",
+                gu[rows] = F.embedding_bag(idx.flatten(), self._gate_up(), offsets, mode="sum",
                                            per_sample_weights=xs.flatten())
             if mlp.gate_proj.bias is not None:
                 gu = gu + torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias])
@@ -248,13 +267,18 @@ class Engine(nn.Module):
             y = fake_quant(y, bits)
         return y
 
-    def _gate_up(self, i, mlp):
-        if i not in self._gate_up_t:
-            self._gate_up_t[i] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0).t().contiguous()
-        return self._gate_up_t[i]
+    def _gate_up(self):
+        if self._gate_up_t is None:  # [D, 2I]: row c holds column c of W_gate and W_up, contiguous for the gather
+            self._gate_up_t = torch.cat([self.mlp.gate_proj.weight, self.mlp.up_proj.weight], 0).t().contiguous()
+        return self._gate_up_t
 
 
 _ALL = torch.ones((), dtype=torch.bool)
+
+
+def _levels(t: torch.Tensor) -> list[float]:
+    """Per-row action levels as Python floats, rounded so that float32 storage (0.30000001) cannot change a count."""
+    return [round(float(v), 6) for v in t.tolist()]
 
 
 def _groups(values: list[float], key) -> dict[float, torch.Tensor]:
