@@ -35,6 +35,11 @@ class Action:
     prune_keep: float = 1.0
     bits: int = DENSE_BITS
 
+    def __post_init__(self):
+        if not (0 < self.token_keep <= 1 and 0 < self.prune_keep <= 1 and 2 <= self.bits <= DENSE_BITS):
+            raise SolError(f"action (token_keep={self.token_keep}, prune_keep={self.prune_keep}, bits={self.bits}) "
+                           f"out of range: keeps must be in (0, 1] and bits in [2, {DENSE_BITS}]")
+
     @property
     def is_dense(self) -> bool:
         return self.token_keep >= 1.0 and self.prune_keep >= 1.0 and self.bits >= DENSE_BITS
@@ -200,6 +205,8 @@ def token_layout(token_keep: float, kv_len: int, s: ActionSettings) -> tuple[int
             return sinks, window, min(middle, math.ceil(token_keep * middle - 1e-9))
         return sinks, window, min(middle, rest)
     n_pages_mid = _n_middle_pages(kv_len, sinks, window, s.page_size)
+    if n_budget_tokens(token_keep, kv_len) >= kv_len:
+        return sinks, window, n_pages_mid  # the budget covers every key: dense
     want = math.ceil(rest / s.page_size) if rest > 0 else 0
     if s.faithful and want == 0:
         want = 1  # the reference keeps at least one page (its fallback keeps the last allowed token)

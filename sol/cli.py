@@ -1,0 +1,97 @@
+"""The ``sol`` command line. Every user-facing failure prints one ``error: ...`` line and exits with status 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from sol.errors import SolError
+
+
+def _threads(n: int | None) -> None:
+    """Set the intra-op thread count deliberately (two processes with 2 threads each slow each other ~40x)."""
+    import torch
+
+    n = n or int(os.environ.get("OMP_NUM_THREADS", "1"))
+    torch.set_num_threads(n)
+
+
+def cmd_bench(args) -> None:
+    import torch
+
+    from sol.actions import Action, ActionSettings
+    from sol.bench import DEFAULT_ACTIONS, format_table, run_bench
+    from sol.io import write_csv
+    from sol.models import load
+
+    _threads(args.threads)
+    device = torch.device(args.device)
+    settings = ActionSettings(criterion=args.criterion, page_size=args.page_size, sinks=args.sinks,
+                              window=args.window, faithful=args.faithful)
+    actions = DEFAULT_ACTIONS
+    if args.actions:
+        actions = [Action()] + [_parse_action(s) for s in args.actions]
+    frames = []
+    for name in args.model:
+        model, _ = load(name, dtype=args.dtype)
+        frames.append(run_bench(model.to(device), name, kv_lens=args.kv_len, actions=actions, steps=args.steps,
+                                warmup=args.warmup, settings=settings, batch=args.batch, seed=args.seed))
+    import pandas as pd
+
+    df = pd.concat(frames, ignore_index=True)
+    print(format_table(df))
+    if args.out:
+        write_csv(args.out, df)
+        print(f"wrote {args.out}")
+
+
+def _parse_action(text: str):
+    from sol.actions import Action
+
+    try:
+        k, p, b = text.split(",")
+        return Action(float(k), float(p), int(b))
+    except ValueError:
+        raise SolError(f"bad action '{text}': write token_keep,prune_keep,bits, e.g. 0.5,0.5,8") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sol", description="Self-Optimizing Language Models: reproduce and measure.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="FLOPs and wall-clock per decode step for each action (compute path)")
+    b.add_argument("--model", nargs="+", default=["smollm2-135m"], help="model names or paths (default smollm2-135m)")
+    b.add_argument("--kv-len", type=int, nargs="+", default=[256, 1024], help="key lengths (default 256 1024)")
+    b.add_argument("--actions", nargs="*", help="extra actions as token_keep,prune_keep,bits (default: a fixed set)")
+    b.add_argument("--steps", type=int, default=30, help="timed steps per action (default 30)")
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--dtype", default="float32")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default $OMP_NUM_THREADS or 1)")
+    b.add_argument("--criterion", default="quest", choices=["quest", "recency"])
+    b.add_argument("--page-size", type=int, default=8)
+    b.add_argument("--sinks", type=int, default=4)
+    b.add_argument("--window", type=int, default=8)
+    b.add_argument("--faithful", action="store_true", help="reference semantics (no forced sinks/window, output quant)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", help="write the table as CSV here")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SolError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The step runtime: dense prefill, then decode steps whose actions a controller picks, with optional dense refresh.
+
+``Runtime.rollout(blocks, controller, budget)`` is the one loop every experiment uses (training episodes, perplexity,
+MMLU continuations, baselines, oracles). A block of ``C + T + 1`` tokens is processed as in the reference:
+
+    prefill blocks[:, :C] densely                      (no action argument exists for a prefill)
+    for t in 0..T-1:  action = controller(state)       (state: previous hidden, current token, budget, usage, ...)
+                      step blocks[:, C+t] under action → log p(blocks[:, C+t+1])
+                      every `episode` steps: rewind the KV cache to the episode start and replay the episode's
+                      tokens densely (removes KV pollution), then reset the controller's episode state
+
+Steps with kv_len <= sinks + window + 1 are forced dense and excluded from budget averages. Everything the
+controller does not decide is identical for every controller.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sol.actions import ActionGrid
+from sol.controllers import Controller, StepState
+from sol.cost import CostModel
+from sol.engine import Engine
+
+
+@dataclass
+class Rollout:
+    """Per-step records of one batch of teacher-forced (or generated) steps."""
+
+    logprobs: torch.Tensor       # [B, T] log p(next token) under the step's action
+    actions: torch.Tensor        # [B, T] effective action ids (dense where the step was not effective)
+    effective: torch.Tensor      # [T] bool
+    flop_keep: torch.Tensor      # [B, T] realised FLOP keep of each step (LM only)
+    dense_macs: torch.Tensor     # [T] dense step MACs at each step's kv_len
+    controller_macs: int         # per step, spent by the controller itself
+    hidden: torch.Tensor | None = None   # [B, T, D] hidden states the controller saw (if recorded)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return -self.logprobs
+
+    def mean_flop_keep(self) -> torch.Tensor:
+        """[B] mean realised FLOP keep over effective steps (LM only)."""
+        eff = self.effective.float()
+        return (self.flop_keep * eff).sum(1) / eff.sum().clamp_min(1)
+
+    def mean_total_keep(self) -> torch.Tensor:
+        """[B] like mean_flop_keep but with the controller's own MACs added to every step."""
+        eff = self.effective.float()
+        extra = self.controller_macs / self.dense_macs
+        return ((self.flop_keep + extra) * eff).sum(1) / eff.sum().clamp_min(1)
+
+
+class Runtime:
+    def __init__(self, engine: Engine, grid: ActionGrid, cost: CostModel | None = None):
+        self.engine = engine
+        self.grid = grid
+        self.cost = cost or CostModel.for_engine(engine)
+        t = grid.tensors()
+        self._tk, self._pk, self._bits = t["token_keep"], t["prune_keep"], t["bits"]
+        self._keep_tables: dict[int, torch.Tensor] = {}
+
+    def keep_table(self, kv_len: int) -> torch.Tensor:
+        if kv_len not in self._keep_tables:
+            self._keep_tables[kv_len] = self.cost.keep_table(self.grid, kv_len).float()
+        return self._keep_tables[kv_len]
+
+    @torch.no_grad()
+    def rollout(self, blocks: torch.Tensor, controller: Controller, budget: torch.Tensor | float,
+                context: int, episode: int | None = None, record_hidden: bool = False,
+                free_running: bool = False) -> Rollout:
+        """Teacher-forced decode of ``blocks [B, context + T + 1]``; see the module docstring.
+
+        With ``free_running`` each step's greedy token is written into ``blocks`` as the next input (in place).
+        """
+        e = self.engine
+        B, n = blocks.shape
+        T = n - context - 1
+        if T < 1:
+            raise ValueError("blocks must hold at least context + 2 tokens")
+        budget = torch.as_tensor(budget, dtype=torch.float32).expand(B).clone()
+        episode = episode or T
+        cache = e.new_cache(B, n + 1)
+        logits, hidden = e.extend(blocks[:, :context], cache)
+        h, prev_logits = hidden[:, -1], logits[:, -1]
+        logp = torch.empty(B, T)
+        acts = torch.empty(B, T, dtype=torch.long)
+        keep = torch.empty(B, T)
+        eff_all = torch.empty(T, dtype=torch.bool)
+        dense = torch.empty(T, dtype=torch.float64)
+        seen = torch.empty(B, T, h.shape[-1]) if record_hidden else None
+        ep_start, spent, n_eff, prev = 0, torch.zeros(B), 0, torch.full((B,), -1, dtype=torch.long)
+        controller.start_episode(B, budget)
+        for t in range(T):
+            pos = context + t
+            kv_len = pos + 1
+            tok = blocks[:, pos]
+            effective = e.settings.effective(kv_len)
+            table = self.keep_table(kv_len)
+            state = StepState(t=t - ep_start, episode_len=min(episode, T - ep_start), kv_len=kv_len,
+                              effective=effective, hidden=h.float(), token=tok, embedding=e.embed(tok).float(),
+                              prev_logits=prev_logits, budget=budget, spent=spent.clone(), n_effective=n_eff,
+                              prev_action=prev.clone(), keep_table=table)
+            a = controller.act(state) if effective else None
+            if a is None or not effective:
+                a = torch.full((B,), self.grid.dense_index, dtype=torch.long)
+            logits, h = e.step(tok, cache, self._tk[a], self._pk[a], self._bits[a])
+            lp = logits.float().log_softmax(-1)
+            if free_running:
+                blocks[:, pos + 1] = lp.argmax(-1)
+            logp[:, t] = lp.gather(1, blocks[:, pos + 1:pos + 2]).squeeze(1)
+            acts[:, t], eff_all[t], dense[t] = a, effective, self.cost.dense_macs(kv_len)
+            keep[:, t] = table[a]
+            if seen is not None:
+                seen[:, t] = state.hidden
+            if effective:
+                spent += table[a]
+                n_eff += 1
+            prev, prev_logits = a, logits
+            if (t + 1 - ep_start) == episode and t + 1 < T:  # dense refresh of the finished episode
+                cache.length = context + ep_start
+                logits_r, hid_r = e.extend(blocks[:, context + ep_start:pos + 1], cache)
+                h, prev_logits = hid_r[:, -1], logits_r[:, -1]
+                ep_start, spent, n_eff = t + 1, torch.zeros(B), 0
+                prev = torch.full((B,), -1, dtype=torch.long)
+                controller.start_episode(B, budget)
+        return Rollout(logp, acts, eff_all, keep, dense, controller.step_macs(), seen)
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, n_new: int, controller: Controller, budget: float | torch.Tensor,
+                 episode: int | None = None) -> tuple[torch.Tensor, Rollout]:
+        """Greedy free-running decode of ``n_new`` tokens after ``prompt [B, P]`` (P >= 2) under a controller.
+
+        The last prompt token is processed under control (as in scoring); each step's argmax is the next input.
+        """
+        B, P = prompt.shape
+        blocks = torch.cat([prompt, prompt.new_zeros(B, n_new)], 1)
+        ro = self.rollout(blocks, controller, budget, P - 1, episode, free_running=True)
+        return blocks[:, P:], ro

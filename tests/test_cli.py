@@ -1,0 +1,32 @@
+"""The sol CLI: bench runs end to end; user errors give one line and exit 2, with no partial output."""
+import subprocess
+import sys
+
+import pandas as pd
+
+
+def _sol(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sol.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_bench_tiny(tmp_path):
+    out = tmp_path / "bench.csv"
+    r = _sol("bench", "--model", "tiny-llama", "--kv-len", "64", "--steps", "3", "--warmup", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(out)
+    assert len(df) == 9 and df.loc[df.action == "k100-s100-q16", "time_ratio"].item() == 1.0
+    assert ((df.fvcore_macs - df.analytic_macs).abs() <= 0.01 * df.analytic_macs).all()
+    assert "flop_keep" in r.stdout
+
+
+def test_errors_are_one_line(tmp_path):
+    out = tmp_path / "x.csv"
+    for args, needle in [(["bench", "--model", "nope"], "unknown model 'nope'"),
+                         (["bench", "--model", "tiny-llama", "--actions", "0.5,0.5"], "bad action"),
+                         (["bench", "--model", "tiny-llama", "--actions", "0.5,1.5,8"], "out of range")]:
+        r = _sol(*args, "--out", str(out))
+        assert r.returncode == 2, (args, r.stderr)
+        lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0], r.stderr
+        assert not out.exists()

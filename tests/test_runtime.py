@@ -1,0 +1,67 @@
+"""The step runtime: dense equals HF, refresh, forced-dense steps, controllers, budgets, generation."""
+import torch
+
+from sol.actions import Action, ActionSettings, grid_from
+from sol.controllers import Dense, FixedAction
+from sol.engine import Engine
+from sol.runtime import Runtime
+
+
+def _hf_logprobs(model, blocks, context):
+    lp = model(blocks).logits.log_softmax(-1)
+    return lp[:, context:-1].gather(-1, blocks[:, context + 1:, None]).squeeze(-1)
+
+
+def test_dense_rollout_matches_hf_with_and_without_refresh(tiny):
+    torch.manual_seed(0)
+    blocks = torch.randint(0, 300, (2, 57))
+    ref = _hf_logprobs(tiny, blocks, 40)
+    rt = Runtime(Engine(tiny), grid_from("J-3L"))
+    for episode in (None, 4, 5):
+        ro = rt.rollout(blocks, Dense(rt.grid), 1.0, context=40, episode=episode)
+        assert torch.allclose(ro.logprobs, ref, atol=1e-5)
+        assert torch.allclose(ro.mean_flop_keep(), torch.ones(2))
+
+
+def test_refresh_removes_kv_pollution(tiny_llama):
+    """With refresh every 4 steps, step 4 onward sees a dense KV cache again: a rollout that is dense after
+    step 4 matches the fully dense rollout from there, whereas without refresh the polluted keys still matter."""
+    torch.manual_seed(1)
+    blocks = torch.randint(0, 300, (1, 50))
+    g = grid_from("J-2L")
+    rt = Runtime(Engine(tiny_llama), g)
+
+    class CheapThenDense(FixedAction):
+        def act(self, state):
+            cheap = state.kv_len - 1 - 30 < 4
+            return torch.full((state.batch,), g.index(Action(0.1, 0.6, 5)) if cheap else g.dense_index)
+
+    dense = rt.rollout(blocks, Dense(g), 1.0, context=30)
+    mixed = CheapThenDense(g, Action())
+    refreshed = rt.rollout(blocks, mixed, 1.0, context=30, episode=4)
+    polluted = rt.rollout(blocks, mixed, 1.0, context=30)
+    assert torch.allclose(refreshed.logprobs[:, 4:], dense.logprobs[:, 4:], atol=1e-5)
+    assert (polluted.logprobs[:, 4:] - dense.logprobs[:, 4:]).abs().max() > 1e-4
+
+
+def test_non_effective_steps_are_forced_dense(tiny_llama):
+    s = ActionSettings(sinks=4, window=8)
+    g = grid_from("J-2L")
+    rt = Runtime(Engine(tiny_llama, s), g)
+    blocks = torch.randint(0, 300, (2, 30))
+    ro = rt.rollout(blocks, FixedAction(g, Action(0.1, 0.6, 5)), 0.5, context=5)
+    # kv_len = context + t + 1 <= 13 is not effective: t = 0..7
+    assert ro.effective.tolist() == [False] * 8 + [True] * (ro.effective.numel() - 8)
+    assert (ro.actions[:, :8] == g.dense_index).all() and (ro.flop_keep[:, :8] == 1).all()
+    assert (ro.actions[:, 8:] == g.index(Action(0.1, 0.6, 5))).all()
+    assert (ro.mean_flop_keep() < 1).all()
+
+
+def test_generate_matches_hf_greedy(tiny):
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 300, (2, 12))
+    rt = Runtime(Engine(tiny), grid_from("J-2L"))
+    out, ro = rt.generate(prompt, 10, Dense(rt.grid), 1.0)
+    ref = tiny.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)[:, 12:]
+    assert torch.equal(out, ref)
+    assert ro.logprobs.shape == (2, 10)
