@@ -1,0 +1,70 @@
+"""Schedule baselines: budgets are met within one grid step, random schedules are seeded permutations."""
+import pytest
+import torch
+
+from baselines.schedules import (AXES, DriftController, EntropyController, Matched, RandomPermutation,
+                                 uniform_action)
+from sol.actions import Action, grid_from
+from sol.engine import Engine
+from sol.errors import SolError
+from sol.runtime import Runtime
+
+TARGETS = {"token_keep": 0.45, "prune_keep": 0.7, "bits": 9}
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_llama):
+    return Runtime(Engine(tiny_llama), grid_from("J-3L"))
+
+
+def _usage(rt, ro):
+    a = ro.actions[:, ro.effective]
+    g = rt.grid
+    return {"token_keep": rt._tk[a].double().mean(1), "prune_keep": rt._pk[a].double().mean(1),
+            "bits": rt._bits[a].double().mean(1) / 16}
+
+
+@pytest.mark.parametrize("make", [lambda g: Matched(g, TARGETS), lambda g: RandomPermutation(g, TARGETS, seed=3),
+                                  lambda g: EntropyController(g, TARGETS), lambda g: DriftController(g, TARGETS)])
+@pytest.mark.parametrize("episode", [None, 8])
+def test_realised_budget_within_one_grid_step(runtime, make, episode):
+    torch.manual_seed(0)
+    blocks = torch.randint(0, 300, (4, 73))
+    ctrl = make(runtime.grid)
+    ro = runtime.rollout(blocks, ctrl, 0.5, context=40, episode=episode)
+    used = _usage(runtime, ro)
+    for axis in AXES:
+        levels = ctrl.levels[axis]
+        step = max(b - a for a, b in zip(levels, levels[1:]))
+        n = ro.effective.sum().item() if episode is None else episode
+        assert (used[axis] - ctrl.targets[axis]).abs().max() <= step / n + 1e-9, axis
+
+
+def test_random_is_a_seeded_permutation_of_the_matched_multiset(runtime):
+    torch.manual_seed(1)
+    blocks = torch.randint(0, 300, (3, 57))
+    matched = runtime.rollout(blocks, Matched(runtime.grid, TARGETS), 0.5, context=40)
+    r1 = runtime.rollout(blocks, RandomPermutation(runtime.grid, TARGETS, seed=7), 0.5, context=40)
+    r2 = runtime.rollout(blocks, RandomPermutation(runtime.grid, TARGETS, seed=7), 0.5, context=40)
+    r3 = runtime.rollout(blocks, RandomPermutation(runtime.grid, TARGETS, seed=8), 0.5, context=40)
+    assert torch.equal(r1.actions, r2.actions) and torch.equal(r1.logprobs, r2.logprobs)
+    assert not torch.equal(r1.actions, r3.actions)
+    for axis, table in (("token_keep", runtime._tk), ("prune_keep", runtime._pk), ("bits", runtime._bits)):
+        for row in range(3):
+            seq1, seq3 = table[r1.actions[row]], table[r3.actions[row]]
+            assert sorted(seq1.tolist()) == sorted(seq3.tolist()), axis  # same multiset, other order
+            hi = table[matched.actions[row]].max()
+            assert abs(int((seq1 == hi).sum()) - int((table[matched.actions[row]] == hi).sum())) <= 1, axis
+
+
+def test_targets_outside_the_grid_fail_clearly():
+    g = grid_from("J-3L")
+    with pytest.raises(SolError, match="outside the grid's range"):
+        Matched(g, {"token_keep": 0.05})
+    with pytest.raises(SolError, match="unknown target axis"):
+        Matched(g, {"keep": 0.5})
+
+
+def test_uniform_action_is_on_the_grid():
+    g = grid_from("J-3L")
+    assert uniform_action(g, {"token_keep": 0.6, "prune_keep": 0.8, "bits": 7}) == Action(0.6, 0.8, 7)
