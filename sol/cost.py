@@ -7,7 +7,8 @@ Definitions (used by every report):
   top-k) is not counted. They include the QUEST page scoring (q against per-page key max/min) and every gathered key
   slot, padding included.
 * **bit-weighted FLOPs** weight the MLP GEMMs (gate, up, down) by b/16, since with the default semantics their inputs
-  are b-bit; everything else runs at 16 bits. (In ``faithful`` mode the reference quantises the MLP output, so no
+  are b-bit; everything else runs at 16 bits. A statically weight-quantised model (``baselines.weights``) also weights
+  its decoder GEMMs by w_bits/16 (BitOPs: w_bits·a_bits/16²). (In ``faithful`` mode the reference quantises the MLP output, so no
   GEMM is actually narrower; we still charge b/16 there, so that costs stay comparable with the reference's bookkeeping.)
 * **FLOP keep** = bit-weighted step FLOPs / dense step FLOPs at the same key length. This is the one budget scalar.
 * **net keep** = (κ + ρ + b/16)/3, the reference's unweighted mean of the three keep ratios (reported for comparison).
@@ -34,8 +35,9 @@ from sol.engine import Engine, KVCache
 class CostModel:
     """Analytic decode-step cost of a model under the runtime's action semantics (cached per action and key length)."""
 
-    def __init__(self, config, settings: ActionSettings):
+    def __init__(self, config, settings: ActionSettings, weight_bits: int = 16):
         self.settings = settings
+        self.weight_bits = weight_bits  # static weight quantisation of the decoder GEMMs (baselines.weights)
         self.L = config.num_hidden_layers
         self.D = config.hidden_size
         self.I = config.intermediate_size
@@ -48,7 +50,7 @@ class CostModel:
 
     @classmethod
     def for_engine(cls, engine: Engine) -> "CostModel":
-        return cls(engine.hf.config, engine.settings)
+        return cls(engine.hf.config, engine.settings, getattr(engine.hf, "sol_weight_bits", 16))
 
     # --- parts --------------------------------------------------------------------------------------------------
     def attention_slots(self, token_keep: float, kv_len: int) -> tuple[int, int]:
@@ -82,11 +84,14 @@ class CostModel:
 
     def step_macs(self, action: Action, kv_len: int, bit_weighted: bool = True) -> float:
         p = self.parts(action, kv_len)
-        w = min(action.bits, 16) / 16 if bit_weighted else 1.0
-        return p["qkvo"] + p["attention"] + p["page_scoring"] + w * p["mlp"] + p["lm_head"]
+        a = min(action.bits, 16) / 16 if bit_weighted else 1.0
+        w = self.weight_bits / 16 if bit_weighted else 1.0
+        return w * p["qkvo"] + p["attention"] + p["page_scoring"] + w * a * p["mlp"] + p["lm_head"]
 
-    def dense_macs(self, kv_len: int) -> int:
-        return self.step_macs(Action(), kv_len)
+    def dense_macs(self, kv_len: int) -> float:
+        """MACs of the dense action of the *unquantised* model: the common denominator of every FLOP keep."""
+        p = self.parts(Action(), kv_len)
+        return p["qkvo"] + p["attention"] + p["page_scoring"] + p["mlp"] + p["lm_head"]
 
     def flop_keep(self, action: Action, kv_len: int) -> float:
         return self.step_macs(action, kv_len) / self.dense_macs(kv_len)

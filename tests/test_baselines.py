@@ -68,3 +68,30 @@ def test_targets_outside_the_grid_fail_clearly():
 def test_uniform_action_is_on_the_grid():
     g = grid_from("J-3L")
     assert uniform_action(g, {"token_keep": 0.6, "prune_keep": 0.8, "bits": 7}) == Action(0.6, 0.8, 7)
+
+
+def test_int4_rtn_hand_computed():
+    from baselines.weights import quantize_rtn
+
+    w = torch.tensor([[0.66, -1.4, 0.35, 0.13, 2.0, 0.0, -0.5, 0.9]])
+    # group 1: absmax 1.4, s = 0.2: [3.3, -7, 1.75, 0.65] → [3, -7, 2, 1] → [0.6, -1.4, 0.4, 0.2]
+    # group 2: absmax 2.0, s = 2/7: [7, 0, -1.75, 3.15] → [7, 0, -2, 3] → [2, 0, -2s, 3s]
+    s2 = 2.0 / 7
+    expected = torch.tensor([[0.6, -1.4, 0.4, 0.2, 2.0, 0.0, -2 * s2, 3 * s2]])
+    assert torch.allclose(quantize_rtn(w, bits=4, group_size=4), expected, atol=1e-6)
+
+
+def test_int4_model_copy_and_cost(tiny_llama):
+    from baselines.weights import quantize_weights
+    from sol.cost import CostModel
+
+    q = quantize_weights(tiny_llama, bits=4, group_size=32)
+    w0 = tiny_llama.model.layers[0].mlp.up_proj.weight
+    w1 = q.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(w0, w1) and (w1.reshape(w1.shape[0], -1, 32).unique(dim=-1).shape[-1] <= 32)
+    assert torch.equal(q.lm_head.weight, tiny_llama.lm_head.weight)
+    rt = Runtime(Engine(q), grid_from("J-2L"))
+    keep = rt.cost.flop_keep(Action(), 200)
+    cm = CostModel(tiny_llama.config, rt.engine.settings)
+    p = cm.parts(Action(), 200)
+    assert keep == pytest.approx((0.25 * (p["qkvo"] + p["mlp"]) + p["attention"] + p["lm_head"]) / cm.dense_macs(200))
