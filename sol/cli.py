@@ -45,6 +45,22 @@ def cmd_bench(args) -> None:
         print(f"wrote {args.out}")
 
 
+def cmd_train(args) -> None:
+    from sol.train import Trainer, load_config
+
+    overrides = dict(kv.split("=", 1) for kv in args.set or [])
+    cfg = load_config(args.config, {k: _yaml_value(v) for k, v in overrides.items()})
+    _threads(args.threads or cfg.threads)
+    out = Trainer(cfg, args.out).run()
+    print(f"wrote {out}")
+
+
+def _yaml_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
 def _parse_action(text: str):
     from sol.actions import Action
 
@@ -77,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", help="write the table as CSV here")
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train", help="train a SOL policy with GRPO (resumes from OUT/policy_latest.pt)")
+    t.add_argument("--config", help="YAML train config (keys: see README); default: built-in defaults")
+    t.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. updates=10")
+    t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.csv, policy.pt")
+    t.add_argument("--threads", type=int, default=None)
+    t.set_defaults(func=cmd_train)
     return p
 
 

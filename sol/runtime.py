@@ -70,21 +70,30 @@ class Runtime:
     @torch.no_grad()
     def rollout(self, blocks: torch.Tensor, controller: Controller, budget: torch.Tensor | float,
                 context: int, episode: int | None = None, record_hidden: bool = False,
-                free_running: bool = False) -> Rollout:
+                free_running: bool = False, rollouts: int = 1, keep_distributions: bool = False) -> Rollout:
         """Teacher-forced decode of ``blocks [B, context + T + 1]``; see the module docstring.
 
         With ``free_running`` each step's greedy token is written into ``blocks`` as the next input (in place).
+        With ``rollouts = K`` every block is prefilled once and decoded as K rows (row r is block r // K): the K
+        counterfactual schedules of GRPO. ``keep_distributions`` stores every step's full log-softmax.
         """
         e = self.engine
+        prefill = blocks[:, :context]
+        if rollouts > 1:
+            blocks = blocks.repeat_interleave(rollouts, 0)
         B, n = blocks.shape
         T = n - context - 1
         if T < 1:
             raise ValueError("blocks must hold at least context + 2 tokens")
         budget = torch.as_tensor(budget, dtype=torch.float32).expand(B).clone()
         episode = episode or T
-        cache = e.new_cache(B, n + 1)
-        logits, hidden = e.extend(blocks[:, :context], cache)
+        cache = e.new_cache(prefill.shape[0], n + 1)
+        logits, hidden = e.extend(prefill, cache)
         h, prev_logits = hidden[:, -1], logits[:, -1]
+        if rollouts > 1:
+            cache = cache.repeat_rows(rollouts)
+            h, prev_logits = h.repeat_interleave(rollouts, 0), prev_logits.repeat_interleave(rollouts, 0)
+        dists = torch.empty(B, T, prev_logits.shape[-1]) if keep_distributions else None
         logp = torch.empty(B, T)
         acts = torch.empty(B, T, dtype=torch.long)
         keep = torch.empty(B, T)
@@ -108,6 +117,8 @@ class Runtime:
                 a = torch.full((B,), self.grid.dense_index, dtype=torch.long)
             logits, h = e.step(tok, cache, self._tk[a], self._pk[a], self._bits[a])
             lp = logits.float().log_softmax(-1)
+            if dists is not None:
+                dists[:, t] = lp
             if free_running:
                 blocks[:, pos + 1] = lp.argmax(-1)
             logp[:, t] = lp.gather(1, blocks[:, pos + 1:pos + 2]).squeeze(1)
@@ -126,7 +137,8 @@ class Runtime:
                 ep_start, spent, n_eff = t + 1, torch.zeros(B), 0
                 prev = torch.full((B,), -1, dtype=torch.long)
                 controller.start_episode(B, budget)
-        return Rollout(logp, acts, eff_all, keep, dense, controller.step_macs(), seen)
+        return Rollout(logp, acts, eff_all, keep, dense, controller.step_macs(), seen,
+                       {"log_distributions": dists} if dists is not None else {})
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, n_new: int, controller: Controller, budget: float | torch.Tensor,
