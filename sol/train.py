@@ -41,7 +41,7 @@ from sol.io import atomic_path, write_text
 from sol.policy import Policy, PolicyConfig, PolicyController, n_params, size_for
 from sol.runtime import Runtime
 
-DEFAULT_GRID = {"token_keep": [0.25, 0.5, 1.0], "prune_keep": [0.5, 0.625, 0.75, 0.875, 1.0], "bits": [5, 6, 8, 16]}
+DEFAULT_GRID = {"token_keep": [0.25, 0.5, 1.0], "prune_keep": [0.5, 0.625, 0.75, 0.875, 1.0], "bits": [5, 6, 7, 8, 16]}
 CHECKPOINT_FORMAT = 1
 
 

@@ -1,0 +1,112 @@
+"""Policy and GRPO training on the tiny model: equal step/sequence logits, learning signal, bitwise resume after
+kill -9, checkpoint validation, document splits, DDP with gloo."""
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sol.errors import SolError
+from sol.policy import Policy, PolicyConfig
+
+ARGS = ["model=tiny-llama", "context=32", "episode=8", "rollouts=4", "blocks_per_update=2", "minibatches=2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
+    (d / "corpus.txt").write_text("\n\n\n".join(" ".join(rng.choice(words) for _ in range(300)) for _ in range(60)))
+    return d
+
+
+def _train(corpus, out, *extra, kill_after=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SOL_CACHE": str(corpus / "cache"), "HF_HUB_OFFLINE": "1"}
+    if kill_after:
+        env["SOL_TEST_KILL_AFTER"] = str(kill_after)
+    return subprocess.run([sys.executable, "-m", "sol.cli", "train", "--out", str(out), "--set", *ARGS,
+                           f"data={corpus / 'corpus.txt'}", *extra], capture_output=True, text=True, env=env)
+
+
+def test_step_and_sequence_logits_agree():
+    torch.manual_seed(0)
+    cfg = PolicyConfig(d_lm=32, n_actions=12, n_budget=3, d_model=64, n_layers=2)
+    p = Policy(cfg).eval()
+    B, T = 3, 9
+    h, e, s = torch.randn(B, T, 32), torch.randn(B, T, 32), torch.randn(B, T, cfg.scalar_dim)
+    prev, c = torch.randint(-1, 12, (B, T)), torch.rand(B, 3)
+    full = p.forward_sequence(h, e, s, prev, c)
+    state = p.new_state()
+    steps = torch.stack([p.step(state, h[:, t], e[:, t], s[:, t], prev[:, t], c) for t in range(T)], 1)
+    assert torch.allclose(full, steps, atol=1e-5)
+
+
+def test_resume_after_kill_is_bitwise(corpus, tmp_path):
+    full = _train(corpus, tmp_path / "full", "updates=6", "checkpoint_every=2")
+    assert full.returncode == 0, full.stderr
+    killed = _train(corpus, tmp_path / "resumed", "updates=6", "checkpoint_every=2", kill_after=2)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "resumed" / "policy.pt").exists()
+    resumed = _train(corpus, tmp_path / "resumed", "updates=6", "checkpoint_every=2")
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "full" / "policy.pt", weights_only=False)["policy"]
+    b = torch.load(tmp_path / "resumed" / "policy.pt", weights_only=False)["policy"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 7 and "ratio_max_dev" in metrics[0]
+
+
+def test_ratio_moves_unless_faithful(corpus, tmp_path):
+    import pandas as pd
+
+    assert _train(corpus, tmp_path / "ppo", "updates=2").returncode == 0
+    assert (pd.read_csv(tmp_path / "ppo" / "metrics.csv").ratio_max_dev > 1e-3).all()
+    assert _train(corpus, tmp_path / "ref", "updates=2", "faithful_update=true").returncode == 0
+    assert (pd.read_csv(tmp_path / "ref" / "metrics.csv").ratio_max_dev < 1e-4).all()
+
+
+def test_checkpoint_validation(corpus, tmp_path):
+    from sol.actions import grid_from
+    from sol.train import load_policy
+
+    assert _train(corpus, tmp_path / "r", "updates=1").returncode == 0
+    ck = tmp_path / "r" / "policy.pt"
+    policy, meta = load_policy(ck, "tiny-llama")
+    assert meta["model"] == "tiny-llama"
+    with pytest.raises(SolError, match="trained for model 'tiny-llama', not 'smollm2-135m'"):
+        load_policy(ck, "smollm2-135m")
+    with pytest.raises(SolError, match="action grid"):
+        load_policy(ck, "tiny-llama", grid_from("J-2L"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(ck.read_bytes()[:1000])
+    with pytest.raises(SolError, match="corrupt checkpoint"):
+        load_policy(bad)
+
+
+def test_bad_config_key_is_one_line(corpus, tmp_path):
+    r = _train(corpus, tmp_path / "x", "updatez=3")
+    assert r.returncode == 2 and "unknown train config key 'updatez'" in r.stderr
+    assert not (tmp_path / "x" / "policy.pt").exists()
+
+
+def test_splits_are_disjoint_by_document(corpus):
+    from sol.data import documents
+
+    keys = {s: {k for k, _ in documents(str(corpus / "corpus.txt"), s)} for s in ("train", "validation", "test")}
+    assert keys["train"] and keys["test"]
+    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["validation"])
+    assert not (keys["validation"] & keys["test"])
+
+
+def test_ddp_two_processes_gloo(corpus, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SOL_CACHE": str(corpus / "cache"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        "-m", "sol.cli", "train", "--out", str(tmp_path / "ddp"), "--set", *ARGS,
+                        f"data={corpus / 'corpus.txt'}", "updates=2"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "ddp" / "policy.pt").is_file()
