@@ -55,6 +55,38 @@ def cmd_train(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_eval_ppl(args) -> None:
+    import torch
+
+    from sol import data
+    from sol.actions import ActionSettings
+    from sol.evaluate import eval_ppl
+    from sol.io import write_csv
+    from sol.models import load
+
+    _threads(args.threads)
+    for b in args.budget:
+        if not 0 < b <= 1:
+            raise SolError(f"budget {b} out of range: a budget is a mean FLOP keep in (0, 1]")
+    model, tok = load(args.model, dtype=args.dtype)
+    blocks = torch.from_numpy(data.blocks(args.data, args.split, tok, args.context + args.steps + 1))
+    if args.blocks:
+        blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))[:args.blocks]]
+    settings = ActionSettings(args.criterion, args.page_size, args.sinks, args.window, args.faithful)
+    summary, per_block = eval_ppl(model, args.model, blocks, args.controller, args.budget, args.context,
+                                  args.episode or args.steps, args.batch, settings, args.seed)
+    cols = ["method", "budget", "ppl", "ppl_lo", "ppl_hi", "flop_keep", "total_keep", "net_keep", "tokens"]
+    print(summary[cols].to_markdown(index=False, floatfmt=".4g"))
+    if args.out:
+        write_csv(args.out, summary)
+        write_csv(_blocks_path(args.out), per_block)
+        print(f"wrote {args.out}")
+
+
+def _blocks_path(out: str) -> str:
+    return out[:-4] + ".blocks.csv" if out.endswith(".csv") else out + ".blocks.csv"
+
+
 def _yaml_value(text: str):
     import yaml
 
@@ -100,6 +132,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run folder: checkpoints, metrics.csv, policy.pt")
     t.add_argument("--threads", type=int, default=None)
     t.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate controllers").add_subparsers(dest="what", required=True)
+    e = ev.add_parser("ppl", help="perplexity at matched compute on held-out blocks")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--controller", nargs="+", default=["dense"], help="controller specs (see README: dense, "
+                   "uniform:K,P,B, matched:..., random:..., emc:..., dac:..., policy:PATH, weights:bits=4)")
+    e.add_argument("--budget", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9],
+                   help="requested FLOP keep(s) for policies (default 0.6 0.7 0.8 0.9)")
+    e.add_argument("--data", default="enwiki", help="enwiki, a .txt file, a folder of .txt files or hf:NAME[/CONFIG]")
+    e.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    e.add_argument("--blocks", type=int, default=0, help="number of blocks (seeded sample; default all)")
+    e.add_argument("--context", type=int, default=256)
+    e.add_argument("--steps", type=int, default=64, help="scored decode steps per block")
+    e.add_argument("--episode", type=int, default=16, help="dense refresh every N steps (0: never)")
+    e.add_argument("--batch", type=int, default=8)
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--criterion", default="quest", choices=["quest", "recency"])
+    e.add_argument("--page-size", type=int, default=8)
+    e.add_argument("--sinks", type=int, default=4)
+    e.add_argument("--window", type=int, default=8)
+    e.add_argument("--faithful", action="store_true")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", help="summary CSV; per-block NLLs go to <out>.blocks.csv")
+    e.set_defaults(func=cmd_eval_ppl)
     return p
 
 

@@ -1,0 +1,85 @@
+"""Perplexity at matched compute (``sol eval ppl``).
+
+Held-out blocks of ``context + steps + 1`` tokens: dense prefill of ``context`` tokens, then ``steps`` teacher-forced
+steps under the controller, with a dense refresh every ``episode`` steps (identical for every controller). Per
+(method, budget): ppl with a 95 % bootstrap CI over blocks, mean NLL, realised FLOP keep (LM only and with the
+controller's own cost), net keep and per-axis usage; per-block NLLs are kept so that any two methods can be compared
+pairwise on the same blocks (``paired``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from sol.actions import ActionSettings
+from sol.engine import Engine
+from sol.registry import Built, build
+from sol.runtime import Runtime
+from sol.stats import paired_diff_ci, ppl_with_ci
+
+
+def run_blocks(runtime: Runtime, built: Built, blocks: torch.Tensor, budget: float, context: int, episode: int,
+               batch: int, desc: str = "") -> dict[str, np.ndarray]:
+    """Per-block arrays: nll [N, T], flop_keep / total_keep / token_keep / prune_keep / bits [N]."""
+    out = {k: [] for k in ("nll", "flop_keep", "total_keep", "token_keep", "prune_keep", "bit_ratio")}
+    for i in tqdm(range(0, len(blocks), batch), desc=desc, leave=False):
+        chunk = blocks[i:i + batch]
+        ro = runtime.rollout(chunk, built.controller, budget, context, episode=episode)
+        eff = ro.effective
+        a = ro.actions[:, eff]
+        out["nll"].append(ro.nll.numpy())
+        out["flop_keep"].append(ro.mean_flop_keep().numpy())
+        out["total_keep"].append(ro.mean_total_keep().numpy())
+        out["token_keep"].append(runtime._tk[a].double().mean(1).numpy())
+        out["prune_keep"].append(runtime._pk[a].double().mean(1).numpy())
+        out["bit_ratio"].append((runtime._bits[a].double() / 16).mean(1).numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], budgets: list[float], context: int,
+             episode: int, batch: int = 8, settings: ActionSettings | None = None, seed: int = 0):
+    """Returns (summary DataFrame, per-block DataFrame)."""
+    settings = settings or ActionSettings()
+    rows, per_block = [], []
+    engines = {}
+    for spec in specs:
+        built = build(spec, model_name)
+        key = (built.weight_bits, built.group_size)
+        if key not in engines:
+            m = model
+            if built.weight_bits < 16:
+                from baselines.weights import quantize_weights
+
+                m = quantize_weights(model, built.weight_bits, built.group_size)
+            engines[key] = Engine(m, settings)
+        runtime = Runtime(engines[key], built.grid)
+        for budget in (budgets if built.uses_budget else [1.0]):
+            torch.manual_seed(seed)
+            r = run_blocks(runtime, built, blocks, budget, context, episode, batch, desc=f"{built.controller.name} {budget:g}")
+            ppl, lo, hi = ppl_with_ci(r["nll"], seed=seed)
+            method = built.controller.name
+            rows.append(dict(method=method, budget=budget if built.uses_budget else np.nan, ppl=ppl, ppl_lo=lo,
+                             ppl_hi=hi, nll=float(r["nll"].mean()), flop_keep=float(r["flop_keep"].mean()),
+                             total_keep=float(r["total_keep"].mean()), token_keep=float(r["token_keep"].mean()),
+                             prune_keep=float(r["prune_keep"].mean()), bit_ratio=float(r["bit_ratio"].mean()),
+                             net_keep=float((r["token_keep"] + r["prune_keep"] + r["bit_ratio"]).mean() / 3),
+                             blocks=len(blocks), tokens=int(r["nll"].size), model=model_name))
+            for b in range(len(blocks)):
+                per_block.append(dict(method=method, budget=rows[-1]["budget"], block=b, nll=float(r["nll"][b].mean()),
+                                      flop_keep=float(r["flop_keep"][b])))
+    return pd.DataFrame(rows), pd.DataFrame(per_block)
+
+
+def paired(per_block: pd.DataFrame, a: tuple[str, float], b: tuple[str, float]) -> dict:
+    """Mean NLL difference a − b over the same blocks with a paired bootstrap CI (negative: a is better)."""
+    def sel(m, bud):
+        d = per_block[per_block.method == m]
+        if not np.isnan(bud):
+            d = d[np.isclose(d.budget, bud)]
+        return d.sort_values("block").nll.to_numpy()
+
+    mean, lo, hi = paired_diff_ci(sel(*a), sel(*b))
+    return {"delta_nll": mean, "lo": lo, "hi": hi, "ppl_ratio": float(np.exp(mean)),
+            "ppl_ratio_lo": float(np.exp(lo)), "ppl_ratio_hi": float(np.exp(hi))}

@@ -1,0 +1,96 @@
+"""Controllers by name: one spec string selects the policy, a baseline or dense everywhere (CLI, configs, lm-eval).
+
+=================================================  ==================================================================
+spec                                               controller
+=================================================  ==================================================================
+``dense``                                          the dense action at every step
+``uniform:K,P,B``                                  true uniform compression: action (κ=K, ρ=P, bits=B) at every step
+``matched:token_keep=…,prune_keep=…,bits=…``       the reference's fixed two-level mix matched per axis (``grid=``
+                                                   names the grid, default J-FL)
+``random:…,seed=S``                                the matched multiset randomly permuted per row (seeded)
+``emc:…`` / ``dac:…``                              entropy / hidden-drift controllers with the budget-tracking chooser
+``policy:PATH``                                    a trained SOL policy (greedy), conditioned on ``--budget``
+``weights:bits=4,group=128``                       static group-wise RTN weight quantisation (dense actions)
+=================================================  ==================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sol.actions import Action, ActionGrid, grid_from
+from sol.controllers import Controller, Dense, FixedAction
+from sol.errors import SolError
+
+KINDS = ("dense", "uniform", "matched", "random", "emc", "dac", "policy", "weights")
+
+
+@dataclass
+class Built:
+    controller: Controller
+    grid: ActionGrid
+    weight_bits: int = 16
+    group_size: int = 128
+    uses_budget: bool = False   # True for the policy: --budget conditions it
+
+
+def _kv(text: str) -> dict:
+    out = {}
+    for part in filter(None, text.split(",")):
+        if "=" not in part:
+            raise SolError(f"bad controller option '{part}': write key=value")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def build(spec: str, model_name: str | None = None) -> Built:
+    kind, _, rest = spec.partition(":")
+    if kind not in KINDS:
+        raise SolError(f"unknown controller '{kind}': use one of {', '.join(KINDS)}")
+    if kind == "dense":
+        g = ActionGrid()
+        return Built(Dense(g), g)
+    if kind == "uniform":
+        try:
+            k, p, b = rest.split(",")
+            a = Action(float(k), float(p), int(b))
+        except ValueError:
+            raise SolError(f"bad uniform spec '{spec}': write uniform:token_keep,prune_keep,bits") from None
+        g = ActionGrid(token_keep=(a.token_keep, 1.0), prune_keep=(a.prune_keep, 1.0), bits=(a.bits, 16))
+        c = FixedAction(g, a)
+        c.name = f"uniform:{a.tag}"
+        return Built(c, g)
+    if kind == "policy":
+        from sol.policy import PolicyController
+        from sol.train import load_policy
+
+        policy, meta = load_policy(rest, model_name)
+        g = ActionGrid.from_config(meta["grid"])
+        c = PolicyController(policy, g, meta["budget_mode"], greedy=True)
+        c.name = "policy"
+        return Built(c, g, uses_budget=True)
+    if kind == "weights":
+        opts = _kv(rest)
+        g = ActionGrid()
+        c = Dense(g)
+        bits, group = int(opts.pop("bits", 4)), int(opts.pop("group", 128))
+        if opts:
+            raise SolError(f"unknown weights option '{sorted(opts)[0]}': use bits, group")
+        c.name = f"weights:int{bits}-g{group}"
+        return Built(c, g, weight_bits=bits, group_size=group)
+    from baselines.schedules import DriftController, EntropyController, Matched, RandomPermutation
+
+    opts = _kv(rest)
+    g = grid_from(opts.pop("grid", "J-FL"))
+    seed = int(opts.pop("seed", 0))
+    gamma = opts.pop("gamma", None)
+    targets = {k: float(v) for k, v in opts.items()}
+    if kind == "matched":
+        c = Matched(g, targets)
+    elif kind == "random":
+        c = RandomPermutation(g, targets, seed=seed)
+    else:
+        cls = EntropyController if kind == "emc" else DriftController
+        c = cls(g, targets) if gamma is None else cls(g, targets, float(gamma))
+    c.name = spec
+    return Built(c, g)
