@@ -73,8 +73,12 @@ def cmd_eval_ppl(args) -> None:
     if args.blocks:
         blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))[:args.blocks]]
     settings = ActionSettings(args.criterion, args.page_size, args.sinks, args.window, args.faithful)
+    calibration = None
+    if any(c.startswith("heads") for c in args.controller):  # head importance from the validation split
+        calibration = torch.from_numpy(data.blocks(args.data, "validation", tok, args.context + args.steps + 1,
+                                                   max_blocks=16))
     summary, per_block = eval_ppl(model, args.model, blocks, args.controller, args.budget, args.context,
-                                  args.episode or args.steps, args.batch, settings, args.seed)
+                                  args.episode or args.steps, args.batch, settings, args.seed, calibration)
     cols = ["method", "budget", "ppl", "ppl_lo", "ppl_hi", "flop_keep", "total_keep", "net_keep", "tokens"]
     print(summary[cols].to_markdown(index=False, floatfmt=".4g"))
     if args.out:

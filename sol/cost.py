@@ -35,9 +35,10 @@ from sol.engine import Engine, KVCache
 class CostModel:
     """Analytic decode-step cost of a model under the runtime's action semantics (cached per action and key length)."""
 
-    def __init__(self, config, settings: ActionSettings, weight_bits: int = 16):
+    def __init__(self, config, settings: ActionSettings, weight_bits: int = 16, head_keep: float = 1.0):
         self.settings = settings
         self.weight_bits = weight_bits  # static weight quantisation of the decoder GEMMs (baselines.weights)
+        self.head_keep = head_keep      # static head pruning: fraction of query heads kept (baselines.heads)
         self.L = config.num_hidden_layers
         self.D = config.hidden_size
         self.I = config.intermediate_size
@@ -46,11 +47,13 @@ class CostModel:
         self.Hkv = config.num_key_value_heads
         self.hd = getattr(config, "head_dim", None) or self.D // self.Hq
         self.model_id = getattr(config, "_name_or_path", "") or config.model_type
+        self._config = config
         self._cache: dict = {}
 
     @classmethod
     def for_engine(cls, engine: Engine) -> "CostModel":
-        return cls(engine.hf.config, engine.settings, getattr(engine.hf, "sol_weight_bits", 16))
+        return cls(engine.hf.config, engine.settings, getattr(engine.hf, "sol_weight_bits", 16),
+                   getattr(engine.hf, "sol_head_keep", 1.0))
 
     # --- parts --------------------------------------------------------------------------------------------------
     def attention_slots(self, token_keep: float, kv_len: int) -> tuple[int, int]:
@@ -73,10 +76,11 @@ class CostModel:
         if key not in self._cache:
             slots, pages = self.attention_slots(action.token_keep, kv_len)
             k = n_kept_channels(action.prune_keep, self.D) if action.prune_keep < 1.0 else self.D
+            hq = round(self.Hq * self.head_keep)
             self._cache[key] = {
-                "qkvo": self.L * (2 * self.D * self.Hq * self.hd + 2 * self.D * self.Hkv * self.hd),
-                "attention": self.L * 2 * self.Hq * self.hd * slots,
-                "page_scoring": self.L * 2 * self.Hq * self.hd * pages,
+                "qkvo": self.L * (2 * self.D * hq * self.hd + 2 * self.D * self.Hkv * self.hd),
+                "attention": self.L * 2 * hq * self.hd * slots,
+                "page_scoring": self.L * 2 * hq * self.hd * pages,
                 "mlp": self.L * (2 * k * self.I + self.I * self.D),
                 "lm_head": self.D * self.V,
             }
@@ -89,7 +93,9 @@ class CostModel:
         return w * p["qkvo"] + p["attention"] + p["page_scoring"] + w * a * p["mlp"] + p["lm_head"]
 
     def dense_macs(self, kv_len: int) -> float:
-        """MACs of the dense action of the *unquantised* model: the common denominator of every FLOP keep."""
+        """MACs of the dense action of the unmodified model: the common denominator of every FLOP keep."""
+        if self.weight_bits != 16 or self.head_keep != 1.0:
+            return CostModel(self._config, self.settings).dense_macs(kv_len)
         p = self.parts(Action(), kv_len)
         return p["qkvo"] + p["attention"] + p["page_scoring"] + p["mlp"] + p["lm_head"]
 

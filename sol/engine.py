@@ -118,7 +118,7 @@ class Engine(nn.Module):
             q, k, v = self._qkv(a, h, cos, sin)
             cache.k[i][:, :, start:start + T] = k
             cache.v[i][:, :, start:start + T] = v
-            keys, vals = cache.k[i][:, :, :start + T], cache.v[i][:, :, :start + T]
+            keys, vals = self._heads(i, cache.k[i][:, :, :start + T], cache.v[i][:, :, :start + T])
             o = self._attend_dense(q, keys, vals, allowed)
             x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -146,7 +146,7 @@ class Engine(nn.Module):
             q, k, v = self._qkv(a, layer.input_layernorm(x), cos, sin)
             cache.k[i][:, :, pos] = k[:, :, 0]
             cache.v[i][:, :, pos] = v[:, :, 0]
-            keys, vals = cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len]
+            keys, vals = self._heads(i, cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len])
             o = self._attend_step(q[:, :, 0], keys, vals, kv_len, groups)  # [B,Hq,hd]
             x = x + a.o_proj(o.reshape(B, 1, -1))
             x = x + self.mlps[i](layer.post_attention_layernorm(x)[:, 0], prune_keep, bits).unsqueeze(1)
@@ -161,21 +161,30 @@ class Engine(nn.Module):
 
     def _qkv(self, a, h, cos, sin):
         B, T, _ = h.shape
-        q = a.q_proj(h).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        q = a.q_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)  # fewer heads after head pruning
         k = a.k_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = a.v_proj(h).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
+    def _heads(self, i, keys, vals):
+        """After head pruning (``baselines.heads``) layer i keeps an irregular subset of query heads: give each kept
+        head its own view of its KV head. Unpruned models pass through untouched (GQA by reshape)."""
+        kv_map = getattr(self.hf, "sol_kv_map", None)
+        if kv_map is None:
+            return keys, vals
+        return keys.index_select(1, kv_map[i]), vals.index_select(1, kv_map[i])
+
     def _attend_dense(self, q, keys, vals, allowed):
         """q [B,Hq,T,hd], keys/vals [B,Hkv,K,hd], allowed [T,K] or [B,Hq,T,K] bool → [B,Hq,T,hd] (eager maths)."""
         B, Hq, T, hd = q.shape
-        g = Hq // self.n_kv
-        qg = q.reshape(B, self.n_kv, g * T, hd)
+        n_kv = keys.shape[1]
+        g = Hq // n_kv
+        qg = q.reshape(B, n_kv, g * T, hd)
         s = (qg @ keys.transpose(-1, -2)).view(B, Hq, T, -1) * self.scaling
         s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
         p = s.softmax(-1, dtype=torch.float32).to(q.dtype)
-        return (p.view(B, self.n_kv, g * T, -1) @ vals).view(B, Hq, T, hd)
+        return (p.view(B, n_kv, g * T, -1) @ vals).view(B, Hq, T, hd)
 
     def _attend_step(self, q, keys, vals, kv_len, groups):
         """q [B,Hq,hd]; groups: {token_keep: row indices}. Returns [B,Hq,hd]."""
@@ -198,7 +207,7 @@ class Engine(nn.Module):
                 continue
             idx, valid = select_tokens(qr, kr, kv_len, t, self.settings)
             b = torch.arange(len(rows), device=q.device).view(-1, 1, 1)
-            h = (torch.arange(q.shape[1], device=q.device) // (q.shape[1] // self.n_kv)).view(1, -1, 1)
+            h = (torch.arange(q.shape[1], device=q.device) // (q.shape[1] // kr.shape[1])).view(1, -1, 1)
             k_sel, v_sel = kr[b, h, idx], vr[b, h, idx]                      # [R,Hq,N,hd]: only the kept keys
             s = (k_sel @ qr.unsqueeze(-1)).squeeze(-1) * self.scaling       # [R,Hq,N]
             s = s.masked_fill(~valid, torch.finfo(s.dtype).min)

@@ -38,23 +38,34 @@ def run_blocks(runtime: Runtime, built: Built, blocks: torch.Tensor, budget: flo
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def transformed(model, built: Built, calibration: torch.Tensor | None):
+    """The model a controller runs on: unchanged, or a statically weight-quantised / head-pruned copy."""
+    m = model
+    if built.weight_bits < 16:
+        from baselines.weights import quantize_weights
+
+        m = quantize_weights(m, built.weight_bits, built.group_size)
+    if built.head_keep < 1.0:
+        from baselines.heads import head_importance, prune_heads
+
+        if calibration is None:
+            raise ValueError("head pruning needs calibration blocks")
+        m = prune_heads(m, head_importance(model, calibration), built.head_keep)
+    return m
+
+
 def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], budgets: list[float], context: int,
-             episode: int, batch: int = 8, settings: ActionSettings | None = None, seed: int = 0):
-    """Returns (summary DataFrame, per-block DataFrame)."""
+             episode: int, batch: int = 8, settings: ActionSettings | None = None, seed: int = 0,
+             calibration: torch.Tensor | None = None):
+    """Returns (summary DataFrame, per-block DataFrame). ``calibration``: blocks for head importance (not ``blocks``)."""
     settings = settings or ActionSettings()
     rows, per_block = [], []
     engines = {}
     for spec in specs:
         built = build(spec, model_name)
-        key = (built.weight_bits, built.group_size)
-        if key not in engines:
-            m = model
-            if built.weight_bits < 16:
-                from baselines.weights import quantize_weights
-
-                m = quantize_weights(model, built.weight_bits, built.group_size)
-            engines[key] = Engine(m, settings)
-        runtime = Runtime(engines[key], built.grid)
+        if built.transform not in engines:
+            engines[built.transform] = Engine(transformed(model, built, calibration), settings)
+        runtime = Runtime(engines[built.transform], built.grid)
         for budget in (budgets if built.uses_budget else [1.0]):
             torch.manual_seed(seed)
             r = run_blocks(runtime, built, blocks, budget, context, episode, batch, desc=f"{built.controller.name} {budget:g}")

@@ -11,6 +11,8 @@ spec                                               controller
 ``emc:…`` / ``dac:…``                              entropy / hidden-drift controllers with the budget-tracking chooser
 ``policy:PATH``                                    a trained SOL policy (greedy), conditioned on ``--budget``
 ``weights:bits=4,group=128``                       static group-wise RTN weight quantisation (dense actions)
+``heads:keep=0.75``                                fixed head pruning: keep the most important 75 % of query heads
+                                                   per layer (importance from the validation split)
 =================================================  ==================================================================
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from sol.actions import Action, ActionGrid, grid_from
 from sol.controllers import Controller, Dense, FixedAction
 from sol.errors import SolError
 
-KINDS = ("dense", "uniform", "matched", "random", "emc", "dac", "policy", "weights")
+KINDS = ("dense", "uniform", "matched", "random", "emc", "dac", "policy", "weights", "heads")
 
 
 @dataclass
@@ -30,7 +32,13 @@ class Built:
     grid: ActionGrid
     weight_bits: int = 16
     group_size: int = 128
+    head_keep: float = 1.0
     uses_budget: bool = False   # True for the policy: --budget conditions it
+
+    @property
+    def transform(self) -> tuple:
+        """The static model transform this controller runs on (shared by specs with equal transforms)."""
+        return (self.weight_bits, self.group_size, self.head_keep)
 
 
 def _kv(text: str) -> dict:
@@ -78,6 +86,15 @@ def build(spec: str, model_name: str | None = None) -> Built:
             raise SolError(f"unknown weights option '{sorted(opts)[0]}': use bits, group")
         c.name = f"weights:int{bits}-g{group}"
         return Built(c, g, weight_bits=bits, group_size=group)
+    if kind == "heads":
+        opts = _kv(rest)
+        keep = float(opts.pop("keep", 0.75))
+        if opts:
+            raise SolError(f"unknown heads option '{sorted(opts)[0]}': use keep")
+        g = ActionGrid()
+        c = Dense(g)
+        c.name = f"heads:keep={keep:g}"
+        return Built(c, g, head_keep=keep)
     from baselines.schedules import DriftController, EntropyController, Matched, RandomPermutation
 
     opts = _kv(rest)

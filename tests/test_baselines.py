@@ -95,3 +95,41 @@ def test_int4_model_copy_and_cost(tiny_llama):
     cm = CostModel(tiny_llama.config, rt.engine.settings)
     p = cm.parts(Action(), 200)
     assert keep == pytest.approx((0.25 * (p["qkvo"] + p["mlp"]) + p["attention"] + p["lm_head"]) / cm.dense_macs(200))
+
+
+def test_head_pruning_removes_flops_in_compute_mode(tiny):
+    from baselines.heads import head_importance, prune_heads
+    from sol.cost import CostModel, fvcore_step_macs
+
+    torch.manual_seed(4)
+    calib = torch.randint(0, 300, (4, 40))
+    imp = head_importance(tiny, calib)
+    assert imp.shape == (2, 4) and (imp > 0).all()
+    pruned = prune_heads(tiny, imp, 0.5)
+    assert pruned.model.layers[0].self_attn.q_proj.out_features == 2 * 16
+    eng = Engine(pruned, mode="compute")
+    full = Engine(tiny, mode="compute")
+    a = Action()
+    macs, macs_full = fvcore_step_macs(eng, a, 100), fvcore_step_macs(full, a, 100)
+    cm = CostModel.for_engine(eng)
+    assert macs == pytest.approx(cm.step_macs(a, 100), rel=0.01)
+    # removed: half of q_proj, o_proj and attention, per layer
+    hd, D, L = 16, 64, 2
+    assert macs_full - macs == pytest.approx(L * (2 * D * 2 * hd + 2 * 2 * hd * 100), rel=1e-6)
+    assert cm.flop_keep(a, 100) == pytest.approx(macs / macs_full)
+    # simulate and compute paths agree on the pruned model, and pruning really changes the outputs
+    ids = torch.randint(0, 300, (2, 50))
+    outs = []
+    for mode in ("simulate", "compute"):
+        e = Engine(pruned, mode=mode)
+        c = e.new_cache(2)
+        e.extend(ids[:, :30], c)
+        outs.append(torch.stack([e.step(ids[:, t], c, torch.tensor([0.4, 1.0]), torch.tensor([0.6, 1.0]),
+                                        torch.tensor([8, 16]))[0] for t in range(30, 50)]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    def prefill(m):  # the pruned copy runs only through our engine (HF's attention assumes all heads)
+        e = Engine(m)
+        return e.extend(ids, e.new_cache(2))[0]
+
+    assert not torch.allclose(prefill(pruned), tiny(ids).logits, atol=1e-3)
+    assert torch.allclose(prefill(prune_heads(tiny, imp, 1.0)), tiny(ids).logits, atol=1e-5)  # keep all = identity

@@ -13,14 +13,16 @@ from sol.registry import build
 
 SPECS = ["dense", "uniform:0.5,0.5,8", "matched:grid=J-3L,token_keep=0.5,prune_keep=0.7,bits=9",
          "random:grid=J-3L,token_keep=0.5,prune_keep=0.7,bits=9,seed=1", "emc:grid=J-3L,prune_keep=0.7",
-         "dac:grid=J-3L,prune_keep=0.7", "weights:bits=4,group=32"]
+         "dac:grid=J-3L,prune_keep=0.7", "weights:bits=4,group=32", "heads:keep=0.5"]
 
 
 def test_every_controller_evaluates(tiny_llama):
     torch.manual_seed(0)
     blocks = torch.randint(0, 300, (6, 41))
-    summary, per_block = eval_ppl(tiny_llama, "tiny-llama", blocks, SPECS, [0.8], context=24, episode=8, batch=4)
-    assert list(summary.method) == ["dense", "uniform:k050-s050-q8", *SPECS[2:6], "weights:int4-g32"]
+    calib = torch.randint(0, 300, (4, 41))
+    summary, per_block = eval_ppl(tiny_llama, "tiny-llama", blocks, SPECS, [0.8], context=24, episode=8, batch=4,
+                                  calibration=calib)
+    assert list(summary.method) == ["dense", "uniform:k050-s050-q8", *SPECS[2:6], "weights:int4-g32", "heads:keep=0.5"]
     dense = summary.iloc[0]
     lp = tiny_llama(blocks).logits.log_softmax(-1)[:, 24:-1].gather(-1, blocks[:, 25:, None])
     assert dense.ppl == pytest.approx(math.exp(-lp.mean().item()), rel=1e-5)
