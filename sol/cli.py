@@ -87,6 +87,56 @@ def cmd_eval_ppl(args) -> None:
         print(f"wrote {args.out}")
 
 
+def cmd_eval_mmlu(args) -> None:
+    import pandas as pd
+
+    from sol import mmlu
+    from sol.io import write_csv, write_json
+    from sol.lm_eval_model import SolLM
+    from sol.models import cache_dir, load
+
+    _threads(args.threads)
+    for b in args.budget:
+        if not 0 < b <= 1:
+            raise SolError(f"budget {b} out of range: a budget is a mean FLOP keep in (0, 1]")
+    tasks = mmlu.prepare(cache_dir() / "mmlu")
+    group = f"sol_mmlu_{args.style}" + (f"_{args.shots}shot" if args.shots else "")
+    model, tok = load(args.model, dtype=args.dtype)
+    rows, per_q = [], []
+    for spec in args.controller:
+        lm = SolLM(model=args.model, controller=spec, pretrained=model, tokenizer=tok, episode=args.episode)
+        for budget in (args.budget if lm.built.uses_budget else [float("nan")]):
+            lm.budget = budget if budget == budget else 1.0
+            lm.stats.clear()
+            summary, questions = mmlu.evaluate(lm, tasks, group, args.per_subject or None, args.seed)
+            name = lm.built.controller.name
+            rows.append({"method": name, "budget": budget, "acc": summary["acc"], "acc_norm": summary["acc_norm"],
+                         "questions": summary["questions"], **lm.usage(), "group": group, "model": args.model})
+            per_q += [{"method": name, "budget": budget, **q} for q in questions]
+            if args.out:
+                write_json(_suffix(args.out, f".{len(rows)}.subjects.json"), summary["subjects"])
+    df = pd.DataFrame(rows)
+    print(df[["method", "budget", "acc", "acc_norm", "flop_keep", "questions"]].to_markdown(index=False, floatfmt=".4g"))
+    if args.out:
+        write_csv(args.out, df)
+        write_csv(_suffix(args.out, ".questions.csv"), pd.DataFrame(per_q))
+        print(f"wrote {args.out}")
+
+
+def cmd_lm_eval(args) -> None:
+    """lm-eval's own CLI with the ``sol`` model registered."""
+    import lm_eval.__main__
+
+    import sol.lm_eval_model  # noqa: F401 - registers --model sol
+
+    sys.argv = ["lm-eval", *args.rest]
+    lm_eval.__main__.cli_evaluate()
+
+
+def _suffix(out: str, suffix: str) -> str:
+    return (out[:-4] if out.endswith(".csv") else out) + suffix
+
+
 def _blocks_path(out: str) -> str:
     return out[:-4] + ".blocks.csv" if out.endswith(".csv") else out + ".blocks.csv"
 
@@ -161,11 +211,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="summary CSV; per-block NLLs go to <out>.blocks.csv")
     e.set_defaults(func=cmd_eval_ppl)
+
+    m = ev.add_parser("mmlu", help="MMLU through lm-eval (offline data) at matched compute")
+    m.add_argument("--model", default="smollm2-135m")
+    m.add_argument("--controller", nargs="+", default=["dense"], help="controller specs, as for eval ppl")
+    m.add_argument("--budget", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9])
+    m.add_argument("--style", default="continuation", choices=["continuation", "letter"])
+    m.add_argument("--shots", type=int, default=0, choices=[0, 5], help="0 (exact) or 5 (approximate dev exemplars)")
+    m.add_argument("--per-subject", type=int, default=0, help="first N questions per subject (default: all 14,042)")
+    m.add_argument("--episode", type=int, default=16)
+    m.add_argument("--dtype", default="float32")
+    m.add_argument("--threads", type=int, default=None)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", help="summary CSV; per-question results go to <out>.questions.csv")
+    m.set_defaults(func=cmd_eval_mmlu)
+
+    le = sub.add_parser("lm-eval", help="lm-eval's own CLI with --model sol registered", add_help=False)
+    le.add_argument("rest", nargs=argparse.REMAINDER)
+    le.set_defaults(func=cmd_lm_eval)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
+        args = argparse.Namespace(func=cmd_lm_eval, rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except SolError as e:

@@ -14,9 +14,14 @@ spec                                               controller
 ``heads:keep=0.75``                                fixed head pruning: keep the most important 75 % of query heads
                                                    per layer (importance from the validation split)
 =================================================  ==================================================================
+
+Options may be separated by ``;`` or ``/`` instead of ``,`` (lm-eval's ``--model_args`` splits on commas):
+``controller=uniform:1/0.5/8`` or ``controller=matched:grid=J-3L;prune_keep=0.7``. A ``policy:PATH`` must not
+contain commas (it is taken verbatim).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sol.actions import Action, ActionGrid, grid_from
@@ -41,9 +46,14 @@ class Built:
         return (self.weight_bits, self.group_size, self.head_keep)
 
 
+def _parts(text: str) -> list[str]:
+    """Spec options are separated by ',' or, where commas are taken (lm-eval's --model_args), by ';' or '/'."""
+    return [p for p in re.split(r"[,;/]", text) if p]
+
+
 def _kv(text: str) -> dict:
     out = {}
-    for part in filter(None, text.split(",")):
+    for part in _parts(text):
         if "=" not in part:
             raise SolError(f"bad controller option '{part}': write key=value")
         k, v = part.split("=", 1)
@@ -60,7 +70,7 @@ def build(spec: str, model_name: str | None = None) -> Built:
         return Built(Dense(g), g)
     if kind == "uniform":
         try:
-            k, p, b = rest.split(",")
+            k, p, b = _parts(rest)
             a = Action(float(k), float(p), int(b))
         except ValueError:
             raise SolError(f"bad uniform spec '{spec}': write uniform:token_keep,prune_keep,bits") from None

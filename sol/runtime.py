@@ -79,7 +79,9 @@ class Runtime:
         """
         e = self.engine
         prefill = blocks[:, :context]
-        if rollouts > 1:
+        if rollouts == 1 and blocks.shape[0] > 1 and bool((prefill == prefill[:1]).all()):
+            prefill, rollouts = prefill[:1], blocks.shape[0]  # rows share their context: prefill it once
+        elif rollouts > 1:
             blocks = blocks.repeat_interleave(rollouts, 0)
         B, n = blocks.shape
         T = n - context - 1

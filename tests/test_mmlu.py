@@ -1,0 +1,68 @@
+"""MMLU offline data, generated lm-eval tasks, and the `sol` lm-eval model (dense equals lm-eval's hf model)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sol import mmlu
+
+SUBTASKS = ["sol_mmlu_anatomy_continuation", "sol_mmlu_virology_letter", "sol_mmlu_formal_logic_continuation_5shot"]
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    return mmlu.prepare(tmp_path_factory.mktemp("mmlu"))
+
+
+def test_data_counts():
+    test = mmlu.load_test()
+    assert len(test) == 14042 and len({r["subject"] for r in test}) == 57
+    assert sum(r["subject"] == "professional_law" for r in test) == 1534
+    first = next(r for r in test if r["subject"] == "elementary_mathematics")
+    assert first["question"] == "What is the value of p in 24 = 2p?" and first["answer"] == 2
+    dev = mmlu.load_dev()
+    assert sum(map(len, dev.values())) == 281
+    assert {k: len(v) for k, v in dev.items() if len(v) < 5} == {"college_chemistry": 3, "formal_logic": 4,
+                                                                  "human_aging": 4}
+
+
+def test_tasks_written(tasks):
+    names = {p.stem for p in tasks.rglob("*.yaml")}
+    assert len(names) == 4 * 57 + 4 and "_sol_mmlu_continuation_5shot" in names
+
+
+def test_sol_model_equals_hf_model(tasks, tiny_llama):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from sol.models import byte_tokenizer
+    from sol.lm_eval_model import SolLM
+
+    tok = byte_tokenizer()
+    tm = TaskManager(include_path=str(tasks), include_defaults=False)
+    kw = dict(tasks=SUBTASKS, task_manager=tm, limit=6, bootstrap_iters=0, log_samples=True)
+    ref = lm_eval.simple_evaluate(model=HFLM(pretrained=tiny_llama, tokenizer=tok, device="cpu", batch_size=8), **kw)
+    lm = SolLM(model="tiny-llama", pretrained=tiny_llama, tokenizer=tok)
+    ours = lm_eval.simple_evaluate(model=lm, **kw)
+    for t in SUBTASKS:
+        assert ours["results"][t]["acc,none"] == ref["results"][t]["acc,none"]
+        la = np.array([[x[0][0] for x in s["resps"]] for s in ref["samples"][t]])
+        lb = np.array([[x[0][0] for x in s["resps"]] for s in ours["samples"][t]])
+        assert np.abs(la - lb).max() < 1e-3
+    assert lm.usage()["flop_keep"] == 1.0 and lm.usage()["steps"] > 0
+    cheap = SolLM(model="tiny-llama", controller="uniform:0.5,0.5,6", pretrained=tiny_llama, tokenizer=tok)
+    lm_eval.simple_evaluate(model=cheap, **kw)
+    assert cheap.usage()["flop_keep"] < 0.8
+
+
+def test_lm_eval_cli_passthrough(tasks, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sol.cli", "lm-eval", "--model", "sol", "--model_args",
+                        "model=tiny-llama,controller=uniform:1/0.5/8", "--tasks", SUBTASKS[0], "--include_path",
+                        str(tasks), "--limit", "3", "--output_path", str(tmp_path / "out")],
+                       capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                                                            "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                                            "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sol_mmlu_anatomy_continuation" in r.stdout and list((tmp_path / "out").rglob("results_*.json"))
