@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from sol.errors import SolError
 
@@ -78,8 +80,10 @@ def cmd_eval_ppl(args) -> None:
         calibration = torch.from_numpy(data.blocks(args.data, "validation", tok, args.context + args.steps + 1,
                                                    max_blocks=16))
     summary, per_block = eval_ppl(model, args.model, blocks, args.controller, args.budget, args.context,
-                                  args.episode or args.steps, args.batch, settings, args.seed, calibration)
+                                  args.episode or args.steps, args.batch, settings, args.seed, calibration,
+                                  time_steps=args.time, mode=args.mode)
     cols = ["method", "budget", "ppl", "ppl_lo", "ppl_hi", "flop_keep", "total_keep", "net_keep", "tokens"]
+    cols += ["step_ms", "time_ratio"] if args.time else []
     print(summary[cols].to_markdown(index=False, floatfmt=".4g"))
     if args.out:
         write_csv(args.out, summary)
@@ -131,6 +135,101 @@ def cmd_lm_eval(args) -> None:
 
     sys.argv = ["lm-eval", *args.rest]
     lm_eval.__main__.cli_evaluate()
+
+
+def _text_blocks(args, tok, length: int):
+    import torch
+
+    from sol import data
+
+    b = torch.from_numpy(data.blocks(args.data, args.split, tok, length))
+    if args.blocks:
+        b = b[torch.randperm(len(b), generator=torch.Generator().manual_seed(args.seed))[:args.blocks]]
+    return b
+
+
+def _mmlu_blocks(tok, n: int, seed: int):
+    """Token-difficulty workload from MMLU: "Question: …\nAnswer: <correct answer>" (continuation style)."""
+    import random
+
+    import torch
+
+    from sol.mmlu import load_test
+
+    rows = random.Random(seed).sample(load_test(), n)
+    out = []
+    for r in rows:
+        ctx = tok.encode(f"Question: {r['question'].strip()}\nAnswer:", add_special_tokens=False)
+        cont = tok.encode(" " + r["choices"][r["answer"]], add_special_tokens=False)
+        out.append((torch.tensor([ctx + cont]), len(ctx) - 1))
+    return out
+
+
+def cmd_profile(args) -> None:
+    import pandas as pd
+
+    from sol import figures
+    from sol.engine import Engine
+    from sol.io import write_csv, write_json
+    from sol.models import load
+    from sol.studies import difficulty_summary, token_difficulty
+
+    _threads(args.threads)
+    model, tok = load(args.model, dtype=args.dtype)
+    engine = Engine(model)
+    if args.data == "mmlu":
+        parts = []
+        for i, (block, ctx) in enumerate(_mmlu_blocks(tok, args.blocks or 200, args.seed)):
+            parts.append(token_difficulty(engine, block, ctx).assign(block=i))
+        df = pd.concat(parts, ignore_index=True)
+    else:
+        df = token_difficulty(engine, _text_blocks(args, tok, args.context + args.steps + 1), args.context)
+    summary = difficulty_summary(df) | {"model": args.model, "workload": args.data}
+    out = Path(args.out)
+    write_csv(out / "token_difficulty.csv", df)
+    write_json(out / "token_difficulty.json", summary)
+    figures.token_difficulty(df, out / "token_difficulty.pdf", f"{args.model} on {args.data}: "
+                             f"{summary['frac_top1_gt_0.9']:.1%} of steps with top-1 > 0.9")
+    print(json.dumps(summary, indent=1))
+
+
+def cmd_kv_pollution(args) -> None:
+    from sol import figures
+    from sol.engine import Engine
+    from sol.io import write_csv
+    from sol.models import load
+    from sol.studies import kv_pollution
+
+    _threads(args.threads)
+    model, tok = load(args.model, dtype=args.dtype)
+    blocks = _text_blocks(args, tok, args.context + args.corrupt + args.tail + 1)
+    summary, curves = kv_pollution(Engine(model), blocks, args.context, args.corrupt, batch=args.batch)
+    out = Path(args.out)
+    write_csv(out / "kv_pollution.csv", summary)
+    write_csv(out / "kv_pollution_curves.csv", curves)
+    figures.kv_pollution(summary, out / "kv_pollution.pdf")
+    print(summary.to_markdown(index=False, floatfmt=".3g"))
+
+
+def cmd_timeline(args) -> None:
+    from sol import figures
+    from sol.engine import Engine
+    from sol.io import write_csv
+    from sol.models import load
+    from sol.registry import build
+    from sol.runtime import Runtime
+    from sol.studies import action_timeline
+
+    _threads(args.threads)
+    model, tok = load(args.model, dtype=args.dtype)
+    built = build(args.controller, args.model)
+    blocks = _text_blocks(args, tok, args.context + args.steps + 1)
+    df = action_timeline(Runtime(Engine(model), built.grid), built.controller, blocks, args.budget, args.context,
+                         args.episode, tok)
+    out = Path(args.out)
+    write_csv(out / "action_timeline.csv", df)
+    figures.action_timeline(df, out / "action_timeline.pdf")
+    print(df.groupby("block")[["flop_keep", "dense_entropy"]].corr(method="spearman").to_string())
 
 
 def _suffix(out: str, suffix: str) -> str:
@@ -209,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=8)
     e.add_argument("--faithful", action="store_true")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--time", action="store_true", help="time every decode step; report the ratio to dense")
+    e.add_argument("--mode", default="simulate", choices=["simulate", "compute"],
+                   help="execution mode (same numbers; compute really skips work, use it with --time)")
     e.add_argument("--out", help="summary CSV; per-block NLLs go to <out>.blocks.csv")
     e.set_defaults(func=cmd_eval_ppl)
 
@@ -225,6 +327,38 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", help="summary CSV; per-question results go to <out>.questions.csv")
     m.set_defaults(func=cmd_eval_mmlu)
+
+    def text_args(q, blocks=32):
+        q.add_argument("--model", default="smollm2-135m")
+        q.add_argument("--data", default="enwiki")
+        q.add_argument("--split", default="test", choices=["train", "validation", "test"])
+        q.add_argument("--blocks", type=int, default=blocks)
+        q.add_argument("--context", type=int, default=256)
+        q.add_argument("--batch", type=int, default=8)
+        q.add_argument("--dtype", default="float32")
+        q.add_argument("--threads", type=int, default=None)
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--out", required=True, help="output folder")
+
+    pr = sub.add_parser("profile", help="token difficulty: dense top-1 probability and entropy per decode step")
+    text_args(pr)
+    pr.add_argument("--steps", type=int, default=64)
+    pr.set_defaults(func=cmd_profile)
+
+    st = sub.add_parser("study", help="side studies").add_subparsers(dest="study", required=True)
+    kv = st.add_parser("kv-pollution", help="corrupt a few steps under one axis, measure the dense tail")
+    text_args(kv)
+    kv.add_argument("--corrupt", type=int, default=4)
+    kv.add_argument("--tail", type=int, default=32)
+    kv.set_defaults(func=cmd_kv_pollution)
+
+    tl = sub.add_parser("timeline", help="per-token actions of a controller next to the dense entropy")
+    text_args(tl, blocks=2)
+    tl.add_argument("--controller", required=True)
+    tl.add_argument("--budget", type=float, default=0.7)
+    tl.add_argument("--steps", type=int, default=64)
+    tl.add_argument("--episode", type=int, default=16)
+    tl.set_defaults(func=cmd_timeline)
 
     le = sub.add_parser("lm-eval", help="lm-eval's own CLI with --model sol registered", add_help=False)
     le.add_argument("rest", nargs=argparse.REMAINDER)

@@ -4,7 +4,9 @@ Held-out blocks of ``context + steps + 1`` tokens: dense prefill of ``context`` 
 steps under the controller, with a dense refresh every ``episode`` steps (identical for every controller). Per
 (method, budget): ppl with a 95 % bootstrap CI over blocks, mean NLL, realised FLOP keep (LM only and with the
 controller's own cost), net keep and per-axis usage; per-block NLLs are kept so that any two methods can be compared
-pairwise on the same blocks (``paired``).
+pairwise on the same blocks (``paired``). With ``time_steps`` every decode step is timed (CUDA events on GPU,
+``perf_counter`` on CPU; run with ``mode="compute"`` for real savings) and the ratio to dense in the same run is
+reported.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from sol.actions import ActionSettings
+from sol.bench import StepTimer
 from sol.engine import Engine
 from sol.registry import Built, build
 from sol.runtime import Runtime
@@ -23,7 +26,7 @@ from sol.stats import paired_diff_ci, ppl_with_ci
 def run_blocks(runtime: Runtime, built: Built, blocks: torch.Tensor, budget: float, context: int, episode: int,
                batch: int, desc: str = "") -> dict[str, np.ndarray]:
     """Per-block arrays: nll [N, T], flop_keep / total_keep / token_keep / prune_keep / bits [N]."""
-    out = {k: [] for k in ("nll", "flop_keep", "total_keep", "token_keep", "prune_keep", "bit_ratio")}
+    out = {k: [] for k in ("nll", "flop_keep", "total_keep", "token_keep", "prune_keep", "bit_ratio", "step_ms")}
     for i in tqdm(range(0, len(blocks), batch), desc=desc, leave=False):
         chunk = blocks[i:i + batch]
         ro = runtime.rollout(chunk, built.controller, budget, context, episode=episode)
@@ -35,7 +38,9 @@ def run_blocks(runtime: Runtime, built: Built, blocks: torch.Tensor, budget: flo
         out["token_keep"].append(runtime._tk[a].double().mean(1).numpy())
         out["prune_keep"].append(runtime._pk[a].double().mean(1).numpy())
         out["bit_ratio"].append((runtime._bits[a].double() / 16).mean(1).numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
+        if "step_ms" in ro.extras:  # one step serves the whole chunk: charge its time to every block of it
+            out["step_ms"].append(np.full(len(chunk), ro.extras["step_ms"].mean().item()))
+    return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
 def transformed(model, built: Built, calibration: torch.Tensor | None):
@@ -56,7 +61,7 @@ def transformed(model, built: Built, calibration: torch.Tensor | None):
 
 def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], budgets: list[float], context: int,
              episode: int, batch: int = 8, settings: ActionSettings | None = None, seed: int = 0,
-             calibration: torch.Tensor | None = None):
+             calibration: torch.Tensor | None = None, time_steps: bool = False, mode: str = "simulate"):
     """Returns (summary DataFrame, per-block DataFrame). ``calibration``: blocks for head importance (not ``blocks``)."""
     settings = settings or ActionSettings()
     rows, per_block = [], []
@@ -64,8 +69,9 @@ def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], bud
     for spec in specs:
         built = build(spec, model_name)
         if built.transform not in engines:
-            engines[built.transform] = Engine(transformed(model, built, calibration), settings)
-        runtime = Runtime(engines[built.transform], built.grid)
+            engines[built.transform] = Engine(transformed(model, built, calibration), settings, mode)
+        timer = StepTimer(engines[built.transform].device) if time_steps else None
+        runtime = Runtime(engines[built.transform], built.grid, timer=timer)
         for budget in (budgets if built.uses_budget else [1.0]):
             torch.manual_seed(seed)
             r = run_blocks(runtime, built, blocks, budget, context, episode, batch, desc=f"{built.controller.name} {budget:g}")
@@ -76,11 +82,15 @@ def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], bud
                              total_keep=float(r["total_keep"].mean()), token_keep=float(r["token_keep"].mean()),
                              prune_keep=float(r["prune_keep"].mean()), bit_ratio=float(r["bit_ratio"].mean()),
                              net_keep=float((r["token_keep"] + r["prune_keep"] + r["bit_ratio"]).mean() / 3),
-                             blocks=len(blocks), tokens=int(r["nll"].size), model=model_name))
+                             blocks=len(blocks), tokens=int(r["nll"].size), model=model_name,
+                             step_ms=float(r["step_ms"].mean()) if "step_ms" in r else np.nan))
             for b in range(len(blocks)):
                 per_block.append(dict(method=method, budget=rows[-1]["budget"], block=b, nll=float(r["nll"][b].mean()),
                                       flop_keep=float(r["flop_keep"][b])))
-    return pd.DataFrame(rows), pd.DataFrame(per_block)
+    summary = pd.DataFrame(rows)
+    if time_steps and "dense" in set(summary.method):
+        summary["time_ratio"] = summary.step_ms / summary.loc[summary.method == "dense", "step_ms"].iloc[0]
+    return summary, pd.DataFrame(per_block)
 
 
 def paired(per_block: pd.DataFrame, a: tuple[str, float], b: tuple[str, float]) -> dict:

@@ -54,8 +54,9 @@ class Rollout:
 
 
 class Runtime:
-    def __init__(self, engine: Engine, grid: ActionGrid, cost: CostModel | None = None):
+    def __init__(self, engine: Engine, grid: ActionGrid, cost: CostModel | None = None, timer=None):
         self.engine = engine
+        self.timer = timer  # sol.bench.StepTimer: record each decode step's wall-clock (controller included)
         self.grid = grid
         self.cost = cost or CostModel.for_engine(engine)
         t = grid.tensors()
@@ -96,6 +97,7 @@ class Runtime:
             cache = cache.repeat_rows(rollouts)
             h, prev_logits = h.repeat_interleave(rollouts, 0), prev_logits.repeat_interleave(rollouts, 0)
         dists = torch.empty(B, T, prev_logits.shape[-1]) if keep_distributions else None
+        step_ms = torch.zeros(T, dtype=torch.float64)
         logp = torch.empty(B, T)
         acts = torch.empty(B, T, dtype=torch.long)
         keep = torch.empty(B, T)
@@ -114,10 +116,18 @@ class Runtime:
                               effective=effective, hidden=h.float(), token=tok, embedding=e.embed(tok).float(),
                               prev_logits=prev_logits, budget=budget, spent=spent.clone(), n_effective=n_eff,
                               prev_action=prev.clone(), keep_table=table)
-            a = controller.act(state) if effective else None
-            if a is None or not effective:
-                a = torch.full((B,), self.grid.dense_index, dtype=torch.long)
-            logits, h = e.step(tok, cache, self._tk[a], self._pk[a], self._bits[a])
+            def decide_and_step():
+                a = controller.act(state) if effective else None
+                if a is None:
+                    a = torch.full((B,), self.grid.dense_index, dtype=torch.long)
+                return (a, *e.step(tok, cache, self._tk[a], self._pk[a], self._bits[a]))
+
+            if self.timer is None:
+                a, logits, h = decide_and_step()
+            else:
+                box = []
+                step_ms[t] = self.timer(lambda: box.append(decide_and_step()))
+                a, logits, h = box[0]
             lp = logits.float().log_softmax(-1)
             if dists is not None:
                 dists[:, t] = lp
@@ -139,8 +149,10 @@ class Runtime:
                 ep_start, spent, n_eff = t + 1, torch.zeros(B), 0
                 prev = torch.full((B,), -1, dtype=torch.long)
                 controller.start_episode(B, budget)
-        return Rollout(logp, acts, eff_all, keep, dense, controller.step_macs(), seen,
-                       {"log_distributions": dists} if dists is not None else {})
+        extras = {"log_distributions": dists} if dists is not None else {}
+        if self.timer is not None:
+            extras["step_ms"] = step_ms
+        return Rollout(logp, acts, eff_all, keep, dense, controller.step_macs(), seen, extras)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, n_new: int, controller: Controller, budget: float | torch.Tensor,

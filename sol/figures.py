@@ -1,0 +1,143 @@
+"""Figures (seaborn, black-and-white readable: every series has its own marker and line style), PDF + PNG."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from sol.io import atomic_path  # noqa: E402
+
+plt.rcParams.update({"pdf.fonttype": 42, "figure.dpi": 110, "font.size": 9})
+sns.set_theme(style="whitegrid", context="paper")
+MARKERS = {"policy": "o", "matched": "s", "uniform": "^", "random": "x", "emc": "D", "dac": "v", "dense": "*",
+           "weights": "P", "heads": "X", "oracle": "d"}
+COLORS = {"policy": "#5e3c99", "matched": "#e66101", "uniform": "#1b7837", "random": "#4393c3", "emc": "#b2abd2",
+          "dac": "#fdb863", "dense": "black", "weights": "#8c510a", "heads": "#01665e", "oracle": "#7f7f7f"}
+
+
+def family(method: str) -> str:
+    return method.split(":")[0]
+
+
+def save(fig, path: str | Path) -> None:
+    """Write ``path`` (.pdf) and a PNG beside it, atomically."""
+    path = Path(path)
+    for p in (path, path.with_suffix(".png")):
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, format=p.suffix[1:], bbox_inches="tight")
+    plt.close(fig)
+
+
+def token_difficulty(df: pd.DataFrame, path, title: str = "") -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(7, 2.6))
+    sns.histplot(df.top1, bins=40, ax=axes[0], color="0.3")
+    axes[0].axvline(0.9, ls="--", c="k", lw=0.8)
+    axes[0].set_xlabel("dense top-1 probability")
+    sns.histplot(df.entropy, bins=40, ax=axes[1], color="0.3")
+    axes[1].set_xlabel("dense entropy (nats)")
+    fig.suptitle(title or f"token difficulty: {(df.top1 > 0.9).mean():.1%} of steps have top-1 > 0.9")
+    save(fig, path)
+
+
+def kv_pollution(summary: pd.DataFrame, path) -> None:
+    axes_names = ["token_keep", "prune_keep", "bits"]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 2.6))
+    for ax, axis in zip(axes, axes_names):
+        d = summary[summary.axis == axis].sort_values("level")
+        for col, m, ls, label in (("direct_mean", "o", "-", "corrupt region"), ("tail_mean", "D", "--", "mean tail"),
+                                  ("tail_peak_p90", "p", ":", "P90 tail peak")):
+            ax.plot(d.level, d[col], marker=m, ls=ls, c="k", label=label)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel({"token_keep": "token keep κ", "prune_keep": "prune keep ρ", "bits": "bits"}[axis])
+    axes[0].set_ylabel("Δ perplexity (%)")
+    axes[0].legend(fontsize=7)
+    save(fig, path)
+
+
+def pareto(df: pd.DataFrame, path, x: str = "flop_keep", y: str = "ppl", ylabel: str = "perplexity",
+           lower_is_better: bool = True, dense_line: float | None = None, oracle: pd.DataFrame | None = None) -> None:
+    """Quality vs cost: every point faded, each family's Pareto front opaque; CIs as error bars."""
+    from sol.compare import pareto_front
+
+    fig, ax = plt.subplots(figsize=(4.6, 3.2))
+    df = df.assign(family=df.method.map(family))
+    for fam, d in df.groupby("family"):
+        c, m = COLORS.get(fam, "0.5"), MARKERS.get(fam, ".")
+        ax.scatter(d[x], d[y], c=c, marker=m, alpha=0.25, s=18)
+        front = pareto_front(d, x, y, lower_is_better)
+        lo, hi = f"{y}_lo", f"{y}_hi"
+        if lo in front:
+            ax.errorbar(front[x], front[y], yerr=[front[y] - front[lo], front[hi] - front[y]], fmt="none", ecolor=c,
+                        alpha=0.6, lw=0.8)
+        ax.plot(front[x], front[y], marker=m, c=c, label=fam, ls="-" if fam == "policy" else "--", ms=5)
+    if oracle is not None and len(oracle):
+        ax.plot(oracle[x], oracle[y], c="0.5", ls=":", label="oracle bound")
+    if dense_line is not None:
+        ax.axhline(dense_line, c="k", ls="-.", lw=0.8, label="dense")
+    ax.set_xlabel({"flop_keep": "FLOP keep (bit-weighted, fvcore)", "net_keep": "net keep (κ+ρ+b/16)/3"}.get(x, x))
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    save(fig, path)
+
+
+def budget_adherence(df: pd.DataFrame, path) -> None:
+    fig, ax = plt.subplots(figsize=(3.4, 3.2))
+    ax.plot([0, 1], [0, 1], ls="--", c="k", lw=0.8)
+    ax.fill_between([0, 1], [-0.03, 0.97], [0.03, 1.03], color="0.85", label="±0.03")
+    ax.plot(df.budget, df.flop_keep, marker="o", c=COLORS["policy"], label="policy")
+    lo, hi = df.budget.min() - 0.05, 1.0
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("requested FLOP keep (budget)")
+    ax.set_ylabel("realised FLOP keep")
+    ax.legend(fontsize=7)
+    save(fig, path)
+
+
+def action_timeline(df: pd.DataFrame, path, block: int = 0) -> None:
+    d = df[df.block == block]
+    fig, ax1 = plt.subplots(figsize=(7, 2.4))
+    ax1.step(d.step, d.flop_keep, where="mid", c="k", label="FLOP keep of the chosen action")
+    ax1.set_ylabel("FLOP keep")
+    ax2 = ax1.twinx()
+    ax2.plot(d.step, d.dense_entropy, c="0.5", ls=":", marker=".", label="dense entropy")
+    ax2.set_ylabel("dense entropy (nats)")
+    ax1.set_xlabel("decode step")
+    fig.legend(fontsize=7, loc="upper right")
+    save(fig, path)
+
+
+def step_cost(bench: pd.DataFrame, path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    d = bench.copy()
+    d["kv_len"] = d.kv_len.astype(str)
+    sns.barplot(d, x="action", y="flop_keep", hue="kv_len", ax=axes[0], palette="Greys")
+    sns.barplot(d, x="action", y="time_ratio", hue="kv_len", ax=axes[1], palette="Greys")
+    for ax, lab in zip(axes, ("FLOP keep", "time / dense")):
+        ax.tick_params(axis="x", rotation=60, labelsize=7)
+        ax.axhline(1.0, c="k", lw=0.8)
+        ax.set_ylabel(lab)
+    save(fig, path)
+
+
+def random_violin(df: pd.DataFrame, path) -> None:
+    """Normalised ppl per operating point: random trials (violin), best-of-N, matched, heuristics, policy."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    pts = sorted(df.point.unique())
+    rnd = df[df.kind == "random"]
+    sns.violinplot(rnd, x="point", y="norm_ppl", ax=ax, color="0.85", inner=None, cut=0)
+    for kind, m in (("best_random", "x"), ("matched", "s"), ("emc", "D"), ("dac", "v"), ("policy", "*")):
+        d = df[df.kind == kind]
+        ax.scatter([pts.index(p) for p in d.point], d.norm_ppl, marker=m, c="k", s=40 if m == "*" else 22, label=kind,
+                   zorder=3)
+    ax.set_xlabel("operating point (budget)")
+    ax.set_ylabel("normalised perplexity (0 = best)")
+    ax.legend(fontsize=7)
+    save(fig, path)
+
