@@ -58,6 +58,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval_ppl(args) -> None:
+    import pandas as pd
     import torch
 
     from sol import data
@@ -82,6 +83,21 @@ def cmd_eval_ppl(args) -> None:
     summary, per_block = eval_ppl(model, args.model, blocks, args.controller, args.budget, args.context,
                                   args.episode or args.steps, args.batch, settings, args.seed, calibration,
                                   time_steps=args.time, mode=args.mode)
+    if args.paper_baselines:
+        from sol.evaluate import paper_baselines
+        from sol.registry import build
+
+        pols = [c for c in args.controller if c.startswith("policy:")]
+        if len(pols) != 1:
+            raise SolError("--paper-baselines needs exactly one policy:PATH controller")
+        grid = build(pols[0], args.model).grid
+        selection = torch.from_numpy(data.blocks(args.data, "validation", tok, args.context + args.steps + 1,
+                                                 max_blocks=args.selection_blocks))
+        extra, extra_blocks = paper_baselines(model, args.model, summary, per_block, blocks, selection, grid,
+                                              args.context, args.episode or args.steps, args.batch,
+                                              args.paper_baselines, settings, args.seed, args.select_on_eval)
+        summary = pd.concat([summary, extra], ignore_index=True)
+        per_block = pd.concat([per_block, extra_blocks], ignore_index=True)
     cols = ["method", "budget", "ppl", "ppl_lo", "ppl_hi", "flop_keep", "total_keep", "net_keep", "tokens"]
     cols += ["step_ms", "time_ratio"] if args.time else []
     print(summary[cols].to_markdown(index=False, floatfmt=".4g"))
@@ -308,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=8)
     e.add_argument("--faithful", action="store_true")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--paper-baselines", type=int, default=0, metavar="N",
+                   help="at each policy budget also run matched, EMC, DAC and N random permutations (best-of-N "
+                        "selected on the validation split)")
+    e.add_argument("--selection-blocks", type=int, default=16, help="validation blocks for best-of-N selection")
+    e.add_argument("--select-on-eval", action="store_true",
+                   help="reference behaviour: pick best-of-N on the evaluation blocks themselves (optimistic)")
     e.add_argument("--time", action="store_true", help="time every decode step; report the ratio to dense")
     e.add_argument("--mode", default="simulate", choices=["simulate", "compute"],
                    help="execution mode (same numbers; compute really skips work, use it with --time)")

@@ -104,3 +104,50 @@ def paired(per_block: pd.DataFrame, a: tuple[str, float], b: tuple[str, float]) 
     mean, lo, hi = paired_diff_ci(sel(*a), sel(*b))
     return {"delta_nll": mean, "lo": lo, "hi": hi, "ppl_ratio": float(np.exp(mean)),
             "ppl_ratio_lo": float(np.exp(lo)), "ppl_ratio_hi": float(np.exp(hi))}
+
+
+def paper_baselines(model, model_name: str, summary: pd.DataFrame, per_block: pd.DataFrame, blocks: torch.Tensor,
+                    selection: torch.Tensor, grid, context: int, episode: int, batch: int = 8, n_random: int = 5,
+                    settings: ActionSettings | None = None, seed: int = 0, select_on_eval: bool = False):
+    """The reference's schedule baselines at every policy operating point (reference §8): the matched two-level mix
+    at the policy's realised per-axis averages, N random permutations of it (best-of-N chosen on ``selection``
+    blocks — a held-out split — unless ``select_on_eval``, the reference's optimistic choice), EMC and DAC.
+
+    Returns (summary rows, per-block rows) to append to the policy's; method names carry the operating point.
+    """
+    from baselines.schedules import DriftController, EntropyController, Matched, RandomPermutation
+
+    engine = Engine(model, settings or ActionSettings())
+    runtime = Runtime(engine, grid)
+    rows, blocks_out = [], []
+    pol = summary[summary.method == "policy"]
+    for _, p in pol.iterrows():
+        targets = {"token_keep": p.token_keep, "prune_keep": p.prune_keep, "bits": p.bit_ratio * 16}
+        point = float(p.budget)
+        candidates = [("matched", Matched(grid, targets)), ("emc", EntropyController(grid, targets)),
+                      ("dac", DriftController(grid, targets))]
+        randoms = [(f"random:seed={seed + i}", RandomPermutation(grid, targets, seed=seed + i)) for i in range(n_random)]
+        sel_ppl = {}
+        for name, ctrl in randoms:
+            r = run_blocks(runtime, Built(ctrl, grid), selection, 1.0, context, episode, batch, desc=f"select {name}")
+            sel_ppl[name] = float(np.exp(r["nll"].mean()))
+        for name, ctrl in candidates + randoms:
+            r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, desc=f"{name}@{point:g}")
+            ppl, lo, hi = ppl_with_ci(r["nll"], seed=seed)
+            rows.append(dict(method=name, budget=point, ppl=ppl, ppl_lo=lo, ppl_hi=hi, nll=float(r["nll"].mean()),
+                             flop_keep=float(r["flop_keep"].mean()), total_keep=float(r["total_keep"].mean()),
+                             token_keep=float(r["token_keep"].mean()), prune_keep=float(r["prune_keep"].mean()),
+                             bit_ratio=float(r["bit_ratio"].mean()),
+                             net_keep=float((r["token_keep"] + r["prune_keep"] + r["bit_ratio"]).mean() / 3),
+                             blocks=len(blocks), tokens=int(r["nll"].size), model=model_name,
+                             selection_ppl=sel_ppl.get(name, np.nan)))
+            blocks_out += [dict(method=name, budget=point, block=b, nll=float(r["nll"][b].mean()),
+                                flop_keep=float(r["flop_keep"][b])) for b in range(len(blocks))]
+        trials = [x for x in rows if x["method"].startswith("random:") and x["budget"] == point]
+        key = "ppl" if select_on_eval else "selection_ppl"
+        best = min(trials, key=lambda x: x[key])
+        rows.append({**best, "method": "random-best", "selected": best["method"],
+                     "selected_on": "evaluation blocks" if select_on_eval else "selection split"})
+        blocks_out += [{**b, "method": "random-best"} for b in blocks_out
+                       if b["method"] == best["method"] and b["budget"] == point]
+    return pd.DataFrame(rows), pd.DataFrame(blocks_out)
