@@ -122,24 +122,39 @@ def cmd_eval_mmlu(args) -> None:
     tasks = mmlu.prepare(cache_dir() / "mmlu")
     group = f"sol_mmlu_{args.style}" + (f"_{args.shots}shot" if args.shots else "")
     model, tok = load(args.model, dtype=args.dtype)
-    rows, per_q = [], []
+    rows, per_q, subjects = [], [], {}
+
+    def run(lm, budget):
+        lm.budget = budget if budget == budget else 1.0
+        lm.stats.clear()
+        summary, questions = mmlu.evaluate(lm, tasks, group, args.per_subject or None, args.seed)
+        name = lm.built.controller.name
+        rows.append({"method": name, "budget": budget, "acc": summary["acc"], "acc_norm": summary["acc_norm"],
+                     "questions": summary["questions"], **lm.usage(), "group": group, "model": args.model})
+        per_q.extend({"method": name, "budget": budget, **q} for q in questions)
+        subjects[f"{name}@{budget}"] = summary["subjects"]
+        return rows[-1]
+
     for spec in args.controller:
         lm = SolLM(model=args.model, controller=spec, pretrained=model, tokenizer=tok, episode=args.episode)
         for budget in (args.budget if lm.built.uses_budget else [float("nan")]):
-            lm.budget = budget if budget == budget else 1.0
-            lm.stats.clear()
-            summary, questions = mmlu.evaluate(lm, tasks, group, args.per_subject or None, args.seed)
-            name = lm.built.controller.name
-            rows.append({"method": name, "budget": budget, "acc": summary["acc"], "acc_norm": summary["acc_norm"],
-                         "questions": summary["questions"], **lm.usage(), "group": group, "model": args.model})
-            per_q += [{"method": name, "budget": budget, **q} for q in questions]
-            if args.out:
-                write_json(_suffix(args.out, f".{len(rows)}.subjects.json"), summary["subjects"])
+            usage = run(lm, budget)
+            if args.paper_baselines and lm.built.uses_budget:  # the matched mix at the policy's realised averages
+                from baselines.schedules import Matched
+
+                from sol.registry import Built
+
+                targets = {"token_keep": usage["token_keep"], "prune_keep": usage["prune_keep"],
+                           "bits": usage["bit_ratio"] * 16}
+                matched = Built(Matched(lm.built.grid, targets), lm.built.grid)
+                run(SolLM(model=args.model, controller=matched, pretrained=model, tokenizer=tok,
+                          episode=args.episode), budget)
     df = pd.DataFrame(rows)
     print(df[["method", "budget", "acc", "acc_norm", "flop_keep", "questions"]].to_markdown(index=False, floatfmt=".4g"))
     if args.out:
         write_csv(args.out, df)
         write_csv(_suffix(args.out, ".questions.csv"), pd.DataFrame(per_q))
+        write_json(_suffix(args.out, ".subjects.json"), subjects)
         print(f"wrote {args.out}")
 
 
@@ -248,6 +263,27 @@ def cmd_timeline(args) -> None:
     print(df.groupby("block")[["flop_keep", "dense_entropy"]].corr(method="spearman").to_string())
 
 
+def cmd_report(args) -> None:
+    from sol.report import build_report, claims_markdown, provenance
+
+    claims = build_report(Path(args.results), Path(args.config), args.model)
+    print(claims_markdown(claims, provenance(Path(args.config), args.model)))
+
+
+def cmd_claims(args) -> None:
+    from sol.report import check, sanity
+
+    problems = []
+    for res in args.results:
+        found = check(Path(res), Path(args.config) if args.config else None)
+        if args.sanity:
+            found += sanity(Path(res))
+        problems += [f"{res}: {p}" for p in found]
+    if problems:
+        raise SolError("claims check failed: " + "; ".join(problems))
+    print(f"claims check passed: {', '.join(args.results)}")
+
+
 def _suffix(out: str, suffix: str) -> str:
     return (out[:-4] if out.endswith(".csv") else out) + suffix
 
@@ -344,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shots", type=int, default=0, choices=[0, 5], help="0 (exact) or 5 (approximate dev exemplars)")
     m.add_argument("--per-subject", type=int, default=0, help="first N questions per subject (default: all 14,042)")
     m.add_argument("--episode", type=int, default=16)
+    m.add_argument("--paper-baselines", action="store_true",
+                   help="after each policy budget, run the matched two-level mix at the policy's realised averages")
     m.add_argument("--dtype", default="float32")
     m.add_argument("--threads", type=int, default=None)
     m.add_argument("--seed", type=int, default=0)
@@ -381,6 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--steps", type=int, default=64)
     tl.add_argument("--episode", type=int, default=16)
     tl.set_defaults(func=cmd_timeline)
+
+    rp = sub.add_parser("report", help="figures, tables and claims.{json,md} from a results folder")
+    rp.add_argument("--results", required=True)
+    rp.add_argument("--config", required=True, help="the pipeline config that produced the results (provenance)")
+    rp.add_argument("--model", required=True)
+    rp.set_defaults(func=cmd_report)
+
+    cl = sub.add_parser("claims", help="check claims.json: schema, provenance, verdicts recomputed from the data")
+    cl.add_argument("--check", dest="results", nargs="+", required=True, metavar="RESULTS_DIR")
+    cl.add_argument("--config", help="config file whose sha256 the provenance must match")
+    cl.add_argument("--sanity", action="store_true", help="also apply loose sanity bounds (fresh CI runs)")
+    cl.set_defaults(func=cmd_claims)
 
     le = sub.add_parser("lm-eval", help="lm-eval's own CLI with --model sol registered", add_help=False)
     le.add_argument("rest", nargs=argparse.REMAINDER)

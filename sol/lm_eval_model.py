@@ -27,7 +27,7 @@ from sol.actions import ActionSettings
 from sol.engine import Engine
 from sol.evaluate import transformed
 from sol.models import load
-from sol.registry import build
+from sol.registry import Built, build
 from sol.runtime import Runtime
 
 
@@ -43,7 +43,7 @@ class SolLM(LM):
         else:
             self.model, self.tok = load(model, dtype=dtype)
             self.model_name = model
-        self.built = build(controller, self.model_name)
+        self.built = controller if isinstance(controller, Built) else build(controller, self.model_name)
         settings = ActionSettings(criterion, int(page_size), int(sinks), int(window), _bool(faithful))
         self.runtime = Runtime(Engine(transformed(self.model, self.built, None), settings), self.built.grid)
         self.budget, self.episode, self.max_length = float(budget), int(episode), int(max_length)
@@ -86,6 +86,10 @@ class SolLM(LM):
             self.stats["steps"] += int(eff.sum())
             self.stats["flop_keep_sum"] += float(ro.flop_keep[i, :n][eff].sum())
             self.stats["total_keep_sum"] += float((ro.flop_keep[i, :n] + ro.controller_macs / ro.dense_macs[:n])[eff].sum())
+            a = ro.actions[i, :n][eff]
+            self.stats["token_keep_sum"] += float(self.runtime._tk[a].sum())
+            self.stats["prune_keep_sum"] += float(self.runtime._pk[a].sum())
+            self.stats["bit_ratio_sum"] += float(self.runtime._bits[a].sum() / 16)
         return out
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -124,8 +128,8 @@ class SolLM(LM):
 
     def usage(self) -> dict:
         n = max(self.stats["steps"], 1)
-        return {"steps": int(self.stats["steps"]), "flop_keep": self.stats["flop_keep_sum"] / n,
-                "total_keep": self.stats["total_keep_sum"] / n}
+        return {"steps": int(self.stats["steps"]), **{k: self.stats[f"{k}_sum"] / n for k in
+                ("flop_keep", "total_keep", "token_keep", "prune_keep", "bit_ratio")}}
 
 
 def _bool(v) -> bool:

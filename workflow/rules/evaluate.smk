@@ -1,0 +1,104 @@
+rule eval_ppl:
+    """Policy at every budget + the paper's schedule baselines (matched, EMC, DAC, best-of-N random) + dense."""
+    input:
+        policy=rules.train.output,
+    output:
+        csv=f"{OUT}/ppl.csv",
+        blocks=f"{OUT}/ppl.blocks.csv",
+    log:
+        f"{OUT}/logs/eval_ppl.log",
+    threads: workflow.cores
+    params:
+        env=lambda wc, threads: env(threads),
+        cmd=CMD["eval_ppl"],
+    shell:
+        "{params.env} {params.cmd} --controller policy:{input.policy} dense --out {output.csv} > {log} 2>&1"
+
+
+rule eval_uniform:
+    """True uniform compression levels, static int-k weights, fixed head pruning, dense."""
+    output:
+        csv=f"{OUT}/ppl_uniform.csv",
+        blocks=f"{OUT}/ppl_uniform.blocks.csv",
+    log:
+        f"{OUT}/logs/eval_uniform.log",
+    threads: workflow.cores
+    params:
+        env=lambda wc, threads: env(threads),
+        cmd=CMD["eval_uniform"],
+    shell:
+        "{params.env} {params.cmd} --out {output.csv} > {log} 2>&1"
+
+
+rule eval_mmlu:
+    """MMLU (offline, lm-eval) for the policy, the matched mix at its realised averages, uniform levels and dense."""
+    input:
+        policy=rules.train.output,
+    output:
+        csv=f"{OUT}/mmlu.csv",
+        questions=f"{OUT}/mmlu.questions.csv",
+    log:
+        f"{OUT}/logs/eval_mmlu.log",
+    threads: workflow.cores
+    params:
+        env=lambda wc, threads: env(threads),
+        cmd=CMD["eval_mmlu"],
+        uniform=quoted(MM["uniform"]),
+    shell:
+        "{params.env} {params.cmd} --controller policy:{input.policy} dense {params.uniform} --out {output.csv} > {log} 2>&1"
+
+
+rule bench:
+    """FLOPs and wall-clock per decode step for each action (1 thread: timings need a quiet core)."""
+    output:
+        f"{OUT}/bench.csv",
+    log:
+        f"{OUT}/logs/bench.log",
+    threads: 1
+    params:
+        env=lambda wc, threads: env(threads),
+        cmd=CMD["bench"],
+    shell:
+        "{params.env} {params.cmd} --out {output} > {log} 2>&1"
+
+
+rule profile:
+    """Token difficulty of the workload under the dense model."""
+    output:
+        f"{OUT}/token_difficulty.csv",
+    log:
+        f"{OUT}/logs/profile.log",
+    threads: workflow.cores
+    params:
+        env=lambda wc, threads: env(threads),
+        cmd=CMD["profile"],
+    shell:
+        "{params.env} {params.cmd} > {log} 2>&1"
+
+
+rule kv_pollution:
+    output:
+        f"{OUT}/kv_pollution.csv",
+    log:
+        f"{OUT}/logs/kv_pollution.log",
+    threads: workflow.cores
+    params:
+        env=lambda wc, threads: env(threads),
+        cmd=CMD["kv_pollution"],
+    shell:
+        "{params.env} {params.cmd} > {log} 2>&1"
+
+
+rule timeline:
+    input:
+        policy=rules.train.output,
+    output:
+        f"{OUT}/action_timeline.csv",
+    log:
+        f"{OUT}/logs/timeline.log",
+    threads: workflow.cores
+    params:
+        env=lambda wc, threads: env(threads),
+        cmd=CMD["timeline"],
+    shell:
+        "{params.env} {params.cmd} --controller policy:{input.policy} > {log} 2>&1"

@@ -1,0 +1,42 @@
+FIGURES = ["pareto_ppl", "pareto_mmlu", "pareto_netkeep", "budget_adherence", "random_violin", "kv_pollution",
+           "token_difficulty", "action_timeline", "step_cost"]
+
+
+rule report:
+    """Figures (PDF + PNG), tables (markdown + LaTeX) and claims.{json,md}."""
+    input:
+        rules.eval_ppl.output,
+        rules.eval_uniform.output,
+        rules.eval_mmlu.output,
+        rules.bench.output,
+        rules.profile.output,
+        rules.kv_pollution.output,
+        rules.timeline.output,
+    output:
+        claims=f"{OUT}/claims.json",
+        claims_md=f"{OUT}/claims.md",
+        figures=[f"{OUT}/{f}.pdf" for f in FIGURES],
+    log:
+        f"{OUT}/logs/report.log",
+    params:
+        cmd=CMD["report"],
+    shell:
+        "{params.cmd} > {log} 2>&1"
+
+
+rule claims:
+    """The claims check CI runs on a fresh run (schema, provenance, verdicts from the data, sanity bounds)."""
+    input:
+        rules.report.output.claims,
+    output:
+        touch(f"{OUT}/.claims_checked"),
+    params:
+        cmd=CMD["claims"],
+    shell:
+        "{params.cmd}"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.claims.output,

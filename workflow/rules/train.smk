@@ -1,0 +1,14 @@
+rule train:
+    """GRPO training of the policy (resumes from its latest checkpoint after an interruption)."""
+    input:
+        CONFIG_FILE,
+    output:
+        f"{OUT}/policy/policy.pt",
+    log:
+        f"{OUT}/logs/train.log",
+    threads: workflow.cores
+    params:
+        env=lambda wc, threads: env(threads),
+        out=f"{OUT}/policy",
+    shell:
+        "{params.env} sol train --config {input} --out {params.out} > {log} 2>&1"
