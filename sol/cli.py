@@ -87,15 +87,16 @@ def cmd_eval_ppl(args) -> None:
         from sol.evaluate import paper_baselines
         from sol.registry import build
 
-        pols = [c for c in args.controller if c.startswith("policy:")]
-        if len(pols) != 1:
-            raise SolError("--paper-baselines needs exactly one policy:PATH controller")
-        grid = build(pols[0], args.model).grid
+        pols = [c for c in args.controller if c.startswith(("policy:", "policy-tracked:"))]
+        if not pols:
+            raise SolError("--paper-baselines needs a policy:PATH or policy-tracked:PATH controller")
+        grid = build(pols[0], args.model).grid  # baselines match the first policy listed
         selection = torch.from_numpy(data.blocks(args.data, "validation", tok, args.context + args.steps + 1,
                                                  max_blocks=args.selection_blocks))
         extra, extra_blocks = paper_baselines(model, args.model, summary, per_block, blocks, selection, grid,
                                               args.context, args.episode or args.steps, args.batch,
-                                              args.paper_baselines, settings, args.seed, args.select_on_eval)
+                                              args.paper_baselines, settings, args.seed, args.select_on_eval,
+                                              primary=pols[0].split(":", 1)[0])
         summary = pd.concat([summary, extra], ignore_index=True)
         per_block = pd.concat([per_block, extra_blocks], ignore_index=True)
     cols = ["method", "budget", "ppl", "ppl_lo", "ppl_hi", "flop_keep", "total_keep", "net_keep", "tokens"]
@@ -266,8 +267,8 @@ def cmd_timeline(args) -> None:
 def cmd_report(args) -> None:
     from sol.report import build_report, claims_markdown, provenance
 
-    claims = build_report(Path(args.results), Path(args.config), args.model)
-    print(claims_markdown(claims, provenance(Path(args.config), args.model)))
+    claims = build_report(Path(args.results), Path(args.config), args.model, args.primary)
+    print(claims_markdown(claims, provenance(Path(args.config), args.model, args.primary)))
 
 
 def cmd_claims(args) -> None:
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--results", required=True)
     rp.add_argument("--config", required=True, help="the pipeline config that produced the results (provenance)")
     rp.add_argument("--model", required=True)
+    rp.add_argument("--primary", default="policy", choices=["policy", "policy-tracked"],
+                    help="the SOL variant the claims are about (the one the paper baselines were matched to)")
     rp.set_defaults(func=cmd_report)
 
     cl = sub.add_parser("claims", help="check claims.json: schema, provenance, verdicts recomputed from the data")

@@ -108,7 +108,8 @@ def paired(per_block: pd.DataFrame, a: tuple[str, float], b: tuple[str, float]) 
 
 def paper_baselines(model, model_name: str, summary: pd.DataFrame, per_block: pd.DataFrame, blocks: torch.Tensor,
                     selection: torch.Tensor, grid, context: int, episode: int, batch: int = 8, n_random: int = 5,
-                    settings: ActionSettings | None = None, seed: int = 0, select_on_eval: bool = False):
+                    settings: ActionSettings | None = None, seed: int = 0, select_on_eval: bool = False,
+                    primary: str = "policy"):
     """The reference's schedule baselines at every policy operating point (reference §8): the matched two-level mix
     at the policy's realised per-axis averages, N random permutations of it (best-of-N chosen on ``selection``
     blocks — a held-out split — unless ``select_on_eval``, the reference's optimistic choice), EMC and DAC.
@@ -120,7 +121,7 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, per_block: pd
     engine = Engine(model, settings or ActionSettings())
     runtime = Runtime(engine, grid)
     rows, blocks_out = [], []
-    pol = summary[summary.method == "policy"]
+    pol = summary[summary.method == primary]
     for _, p in pol.iterrows():
         targets = {"token_keep": p.token_keep, "prune_keep": p.prune_keep, "bits": p.bit_ratio * 16}
         point = float(p.budget)

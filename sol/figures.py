@@ -90,7 +90,8 @@ def budget_adherence(df: pd.DataFrame, path) -> None:
     fig, ax = plt.subplots(figsize=(3.4, 3.2))
     ax.plot([0, 1], [0, 1], ls="--", c="k", lw=0.8)
     ax.fill_between([0, 1], [-0.03, 0.97], [0.03, 1.03], color="0.85", label="±0.03")
-    ax.plot(df.budget, df.flop_keep, marker="o", c=COLORS["policy"], label="policy")
+    for (method, d), m in zip(df.groupby("method"), ("o", "s")):
+        ax.plot(d.budget, d.flop_keep, marker=m, c=COLORS["policy"], ls="-" if method == "policy" else "--", label=method)
     lo, hi = df.budget.min() - 0.05, 1.0
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)

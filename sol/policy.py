@@ -150,8 +150,10 @@ class PolicyController(Controller):
     name = "policy"
 
     def __init__(self, policy: Policy, grid: ActionGrid, budget_mode: str = "flop", greedy: bool = True,
-                 generator: torch.Generator | None = None, record: bool = False, bias: dict | None = None):
+                 generator: torch.Generator | None = None, record: bool = False, bias: dict | None = None,
+                 track_budget: bool = False):
         super().__init__(grid)
+        self.track_budget = track_budget
         if budget_mode not in ("flop", "paper"):
             raise SolError(f"unknown budget_mode '{budget_mode}': use flop or paper")
         self.policy, self.budget_mode, self.greedy, self.gen, self.record = policy, budget_mode, greedy, generator, record
@@ -183,6 +185,8 @@ class PolicyController(Controller):
         s = torch.cat([t_frac, torch.ones(state.batch, 1), c, dev], -1)
         with torch.no_grad():
             logits = self.policy.step(self.state, state.hidden, state.embedding, s, state.prev_action, c) + self.bias
+        if self.track_budget and self.budget_mode == "flop":
+            logits = tilt_to_budget(logits, state.keep_table, self.c[:, 0], self.sums[:, 0], self.n, state.remaining)
         if self.greedy:
             a = logits.argmax(-1)
         else:
@@ -197,3 +201,23 @@ class PolicyController(Controller):
 
     def step_macs(self) -> int:
         return self.policy.step_macs()
+
+
+def tilt_to_budget(logits: torch.Tensor, keep: torch.Tensor, budget: torch.Tensor, spent: torch.Tensor, n: int,
+                   remaining: int, iters: int = 40) -> torch.Tensor:
+    """Budget tracking on top of a policy (``policy-tracked``): per row, the required keep for the rest of the episode
+    c_req = (c·(n + R) − spent)/R and the tilt λ with E_{softmax(z − λ·keep)}[keep] = c_req (bisection); returns the
+    tilted logits z − λ·keep. The policy still ranks actions (where compute goes); the tilt only enforces how much,
+    like the budget-tracking chooser the EMC/DAC baselines use (reference §8.4)."""
+    R = max(remaining, 1)
+    req = ((budget * (n + R) - spent) / R).clamp(float(keep.min()), float(keep.max()))
+    lo = torch.full_like(req, -200.0)
+    hi = torch.full_like(req, 200.0)
+    z = logits.float()
+    for _ in range(iters):
+        lam = (lo + hi) / 2
+        mean = ((z - lam[:, None] * keep).softmax(-1) * keep).sum(-1)
+        too_expensive = mean > req
+        lo = torch.where(too_expensive, lam, lo)
+        hi = torch.where(too_expensive, hi, lam)
+    return z - ((lo + hi) / 2)[:, None] * keep

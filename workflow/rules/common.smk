@@ -35,6 +35,6 @@ CMD = {
                      f"--blocks {ST['kv_blocks']} --tail {ST['kv_tail']} --out {OUT}"),
     "timeline": (f"sol timeline --model {MODEL} --data {config['data']} --context {EV['context']} --steps {EV['steps']} "
                  f"--episode {EV['episode']} --budget {ST['timeline_budget']} --out {OUT}"),
-    "report": f"sol report --results {OUT} --config {CONFIG_FILE} --model {MODEL}",
+    "report": f"sol report --results {OUT} --config {CONFIG_FILE} --model {MODEL} --primary {EV['primary']}",
     "claims": f"sol claims --check {OUT} --config {CONFIG_FILE} --sanity",
 }

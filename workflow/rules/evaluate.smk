@@ -11,8 +11,11 @@ rule eval_ppl:
     params:
         env=lambda wc, threads: env(threads),
         cmd=CMD["eval_ppl"],
+        primary=EV["primary"],
+        other="policy" if EV["primary"] == "policy-tracked" else "policy-tracked",
     shell:
-        "{params.env} {params.cmd} --controller policy:{input.policy} dense --out {output.csv} > {log} 2>&1"
+        "{params.env} {params.cmd} --controller {params.primary}:{input.policy} {params.other}:{input.policy} dense "
+        "--out {output.csv} > {log} 2>&1"
 
 
 rule eval_uniform:
@@ -44,8 +47,10 @@ rule eval_mmlu:
         env=lambda wc, threads: env(threads),
         cmd=CMD["eval_mmlu"],
         uniform=quoted(MM["uniform"]),
+        primary=EV["primary"],
     shell:
-        "{params.env} {params.cmd} --controller policy:{input.policy} dense {params.uniform} --out {output.csv} > {log} 2>&1"
+        "{params.env} {params.cmd} --controller {params.primary}:{input.policy} dense {params.uniform} "
+        "--out {output.csv} > {log} 2>&1"
 
 
 rule bench:
@@ -100,5 +105,6 @@ rule timeline:
     params:
         env=lambda wc, threads: env(threads),
         cmd=CMD["timeline"],
+        primary=EV["primary"],
     shell:
-        "{params.env} {params.cmd} --controller policy:{input.policy} > {log} 2>&1"
+        "{params.env} {params.cmd} --controller {params.primary}:{input.policy} > {log} 2>&1"
