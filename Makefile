@@ -22,9 +22,9 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Main job on the embedded default model (until the Snakemake pipeline lands: the decode-step benchmark).
+# Main job: the whole pipeline on the embedded default model (SmolLM2-135M, offline).
 reproduce: $(STAMP)
-	$(BIN)/sol bench --model smollm2-135m --out results/bench_smollm2-135m.csv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores 2 all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
