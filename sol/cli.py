@@ -35,8 +35,8 @@ def cmd_bench(args) -> None:
         actions = [Action()] + [_parse_action(s) for s in args.actions]
     frames = []
     for name in args.model:
-        model, _ = load(name, dtype=args.dtype)
-        frames.append(run_bench(model.to(device), name, kv_lens=args.kv_len, actions=actions, steps=args.steps,
+        model, _ = load(name, dtype=args.dtype, device=device)
+        frames.append(run_bench(model, name, kv_lens=args.kv_len, actions=actions, steps=args.steps,
                                 warmup=args.warmup, settings=settings, batch=args.batch, seed=args.seed))
     import pandas as pd
 
@@ -71,7 +71,7 @@ def cmd_eval_ppl(args) -> None:
     for b in args.budget:
         if not 0 < b <= 1:
             raise SolError(f"budget {b} out of range: a budget is a mean FLOP keep in (0, 1]")
-    model, tok = load(args.model, dtype=args.dtype)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
     blocks = torch.from_numpy(data.blocks(args.data, args.split, tok, args.context + args.steps + 1))
     if args.blocks:
         blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))[:args.blocks]]
@@ -122,7 +122,7 @@ def cmd_eval_mmlu(args) -> None:
             raise SolError(f"budget {b} out of range: a budget is a mean FLOP keep in (0, 1]")
     tasks = mmlu.prepare(cache_dir() / "mmlu")
     group = f"sol_mmlu_{args.style}" + (f"_{args.shots}shot" if args.shots else "")
-    model, tok = load(args.model, dtype=args.dtype)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
     rows, per_q, subjects = [], [], {}
 
     def run(lm, budget):
@@ -207,7 +207,7 @@ def cmd_profile(args) -> None:
     from sol.studies import difficulty_summary, token_difficulty
 
     _threads(args.threads)
-    model, tok = load(args.model, dtype=args.dtype)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
     engine = Engine(model)
     if args.data == "mmlu":
         parts = []
@@ -233,7 +233,7 @@ def cmd_kv_pollution(args) -> None:
     from sol.studies import kv_pollution
 
     _threads(args.threads)
-    model, tok = load(args.model, dtype=args.dtype)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
     blocks = _text_blocks(args, tok, args.context + args.corrupt + args.tail + 1)
     summary, curves = kv_pollution(Engine(model), blocks, args.context, args.corrupt, batch=args.batch)
     out = Path(args.out)
@@ -253,7 +253,7 @@ def cmd_timeline(args) -> None:
     from sol.studies import action_timeline
 
     _threads(args.threads)
-    model, tok = load(args.model, dtype=args.dtype)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
     built = build(args.controller, args.model)
     blocks = _text_blocks(args, tok, args.context + args.steps + 1)
     df = action_timeline(Runtime(Engine(model), built.grid), built.controller, blocks, args.budget, args.context,
@@ -354,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--episode", type=int, default=16, help="dense refresh every N steps (0: never)")
     e.add_argument("--batch", type=int, default=8)
     e.add_argument("--dtype", default="float32")
+    e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--criterion", default="quest", choices=["quest", "recency"])
     e.add_argument("--page-size", type=int, default=8)
@@ -384,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--paper-baselines", action="store_true",
                    help="after each policy budget, run the matched two-level mix at the policy's realised averages")
     m.add_argument("--dtype", default="float32")
+    m.add_argument("--device", default="cpu")
     m.add_argument("--threads", type=int, default=None)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", help="summary CSV; per-question results go to <out>.questions.csv")
@@ -397,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--context", type=int, default=256)
         q.add_argument("--batch", type=int, default=8)
         q.add_argument("--dtype", default="float32")
+        q.add_argument("--device", default="cpu")
         q.add_argument("--threads", type=int, default=None)
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--out", required=True, help="output folder")

@@ -143,7 +143,7 @@ def _step_inputs(engine: Engine, kv_len: int, seed: int = 0):
     keys = torch.randn(shape, generator=g).to(engine.dtype)
     values = torch.randn(shape, generator=g).to(engine.dtype)
     ids = torch.randint(0, engine.hf.config.vocab_size, (1,), generator=g)
-    return ids, keys, values
+    return ids.to(engine.device), keys.to(engine.device), values.to(engine.device)
 
 
 def _embedding_bag_fvcore(inputs, outputs):
@@ -173,7 +173,7 @@ def fvcore_step_macs(engine: Engine, action: Action, kv_len: int, bit_weighted: 
         total = _fvcore(_CountedStep(engine, action), _step_inputs(engine, kv_len))
         w = min(action.bits, 16) / 16 if bit_weighted else 1.0
         if w < 1.0:
-            x = torch.randn(1, engine.hidden, generator=torch.Generator().manual_seed(0)).to(engine.dtype)
+            x = torch.randn(1, engine.hidden, generator=torch.Generator().manual_seed(0)).to(engine.device, engine.dtype)
             mlp = sum(_fvcore(m, (x, torch.tensor([action.prune_keep]), torch.tensor([action.bits])))
                       for m in engine.mlps)
             total -= (1 - w) * mlp

@@ -134,13 +134,14 @@ class Engine(nn.Module):
              bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Process ``ids [B]`` at position ``cache.length`` under row-wise actions; return (logits [B,V], hidden [B,D])."""
         B = ids.shape[0]
+        prune_keep, bits = prune_keep.to(self.device), bits.to(self.device)
         pos = cache.length
         cache.reserve(pos + 1)
         x = self.embed(ids).unsqueeze(1)  # [B,1,D]
         cos, sin = self._rope(pos, 1, B, x)
         kv_len = pos + 1
         tk = _levels(token_keep)
-        groups = _groups(tk, lambda t: 1.0 if keeps_all(t, kv_len, self.settings) else t)
+        groups = _groups(tk, lambda t: 1.0 if keeps_all(t, kv_len, self.settings) else t, self.device)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             q, k, v = self._qkv(a, layer.input_layernorm(x), cos, sin)
@@ -182,14 +183,15 @@ class Engine(nn.Module):
         g = Hq // n_kv
         qg = q.reshape(B, n_kv, g * T, hd)
         s = (qg @ keys.transpose(-1, -2)).view(B, Hq, T, -1) * self.scaling
-        s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
+        if allowed is not None:
+            s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
         p = s.softmax(-1, dtype=torch.float32).to(q.dtype)
         return (p.view(B, n_kv, g * T, -1) @ vals).view(B, Hq, T, hd)
 
     def _attend_step(self, q, keys, vals, kv_len, groups):
         """q [B,Hq,hd]; groups: {token_keep: row indices}. Returns [B,Hq,hd]."""
         if list(groups) == [1.0]:
-            return self._attend_dense(q.unsqueeze(2), keys, vals, _ALL)[:, :, 0]
+            return self._attend_dense(q.unsqueeze(2), keys, vals, None)[:, :, 0]
         if self.mode == "simulate":
             allowed = torch.ones(q.shape[0], q.shape[1], kv_len, dtype=torch.bool, device=q.device)
             for t, rows in groups.items():
@@ -203,7 +205,7 @@ class Engine(nn.Module):
         for t, rows in groups.items():
             qr, kr, vr = q[rows], keys[rows], vals[rows]
             if t >= 1.0:
-                out[rows] = self._attend_dense(qr.unsqueeze(2), kr, vr, _ALL)[:, :, 0]
+                out[rows] = self._attend_dense(qr.unsqueeze(2), kr, vr, None)[:, :, 0]
                 continue
             idx, valid = select_tokens(qr, kr, kv_len, t, self.settings)
             b = torch.arange(len(rows), device=q.device).view(-1, 1, 1)
@@ -240,7 +242,7 @@ class MLPStep(nn.Module):
         dense_bits = bool((bits >= 16).all())
         in_bits = bits if not s.faithful else torch.full_like(bits, 16)
         pk = _levels(prune_keep)
-        groups = _groups(pk, lambda p: min(p, 1.0))
+        groups = _groups(pk, lambda p: min(p, 1.0), x.device)
         if self.mode == "compute" and any(p < 1.0 for p in groups):
             gu = x.new_empty(x.shape[0], 2 * mlp.gate_proj.out_features)
             for p, rows in groups.items():
@@ -282,18 +284,15 @@ class MLPStep(nn.Module):
         return self._gate_up_t
 
 
-_ALL = torch.ones((), dtype=torch.bool)
-
-
 def _levels(t: torch.Tensor) -> list[float]:
     """Per-row action levels as Python floats, rounded so that float32 storage (0.30000001) cannot change a count."""
     return [round(float(v), 6) for v in t.tolist()]
 
 
-def _groups(values: list[float], key) -> dict[float, torch.Tensor]:
+def _groups(values: list[float], key, device=None) -> dict[float, torch.Tensor]:
     """Row indices grouped by ``key(value)``: rows sharing an action level run together."""
     out: dict[float, list[int]] = {}
     for r, v in enumerate(values):
         out.setdefault(key(v), []).append(r)
-    return {k: torch.tensor(rows) for k, rows in out.items()}
+    return {k: torch.tensor(rows, device=device) for k, rows in out.items()}
 

@@ -16,6 +16,7 @@ controller reproduces ``--model hf``.
 """
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 
 import torch
@@ -36,12 +37,15 @@ class SolLM(LM):
     def __init__(self, model: str = "smollm2-135m", controller: str = "dense", budget: float = 1.0,
                  episode: int = 16, dtype: str = "float32", max_length: int = 2048, criterion: str = "quest",
                  page_size: int = 8, sinks: int = 4, window: int = 8, faithful: bool = False, pretrained=None,
-                 tokenizer=None, **kwargs):
+                 tokenizer=None, device: str = "cpu", **kwargs):
         super().__init__()
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            print(f"sol: device '{device}' (lm-eval's default) is not available; using the CPU", file=sys.stderr)
+            device = "cpu"
         if pretrained is not None:  # an in-memory model (tests, notebooks)
             self.model, self.tok, self.model_name = pretrained, tokenizer, model
         else:
-            self.model, self.tok = load(model, dtype=dtype)
+            self.model, self.tok = load(model, dtype=dtype, device=device)
             self.model_name = model
         self.built = controller if isinstance(controller, Built) else build(controller, self.model_name)
         settings = ActionSettings(criterion, int(page_size), int(sinks), int(window), _bool(faithful))

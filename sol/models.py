@@ -190,8 +190,9 @@ def _packaged(asset: Asset, dtype):
     return model, tok
 
 
-def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, seed: int = 0):
-    """Return ``(model, tokenizer)``: a frozen causal LM (eval mode, no grad) and its tokenizer."""
+def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, seed: int = 0,
+         device: str | torch.device = "cpu"):
+    """Return ``(model, tokenizer)``: a frozen causal LM (eval mode, no grad) on ``device`` and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1") if name_or_path in ASSETS else None
@@ -231,7 +232,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.flo
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.sol_name = name_or_path
-    return _freeze(model), tok
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise SolError(f"device '{device}' requested but CUDA is not available on this machine")
+    return _freeze(model.to(device)), tok
 
 
 def _bad_dtype(dtype):

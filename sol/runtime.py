@@ -79,6 +79,8 @@ class Runtime:
         counterfactual schedules of GRPO. ``keep_distributions`` stores every step's full log-softmax.
         """
         e = self.engine
+        host = blocks  # controllers and records live on the CPU; the LM runs on e.device
+        blocks = blocks.to(e.device)
         prefill = blocks[:, :context]
         if rollouts == 1 and blocks.shape[0] > 1 and bool((prefill == prefill[:1]).all()):
             prefill, rollouts = prefill[:1], blocks.shape[0]  # rows share their context: prefill it once
@@ -113,9 +115,9 @@ class Runtime:
             effective = e.settings.effective(kv_len)
             table = self.keep_table(kv_len)
             state = StepState(t=t - ep_start, episode_len=min(episode, T - ep_start), kv_len=kv_len,
-                              effective=effective, hidden=h.float(), token=tok, embedding=e.embed(tok).float(),
-                              prev_logits=prev_logits, budget=budget, spent=spent.clone(), n_effective=n_eff,
-                              prev_action=prev.clone(), keep_table=table)
+                              effective=effective, hidden=h.float().cpu(), token=tok.cpu(),
+                              embedding=e.embed(tok).float().cpu(), prev_logits=prev_logits.cpu(), budget=budget,
+                              spent=spent.clone(), n_effective=n_eff, prev_action=prev.clone(), keep_table=table)
             def decide_and_step():
                 a = controller.act(state) if effective else None
                 if a is None:
@@ -130,10 +132,10 @@ class Runtime:
                 a, logits, h = box[0]
             lp = logits.float().log_softmax(-1)
             if dists is not None:
-                dists[:, t] = lp
+                dists[:, t] = lp.cpu()
             if free_running:
                 blocks[:, pos + 1] = lp.argmax(-1)
-            logp[:, t] = lp.gather(1, blocks[:, pos + 1:pos + 2]).squeeze(1)
+            logp[:, t] = lp.gather(1, blocks[:, pos + 1:pos + 2]).squeeze(1).cpu()
             acts[:, t], eff_all[t], dense[t] = a, effective, self.cost.dense_macs(kv_len)
             keep[:, t] = table[a]
             if seen is not None:
@@ -149,6 +151,8 @@ class Runtime:
                 ep_start, spent, n_eff = t + 1, torch.zeros(B), 0
                 prev = torch.full((B,), -1, dtype=torch.long)
                 controller.start_episode(B, budget)
+        if free_running:
+            host.copy_(blocks.cpu())
         extras = {"log_distributions": dists} if dists is not None else {}
         if self.timer is not None:
             extras["step_ms"] = step_ms

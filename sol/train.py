@@ -87,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     tensorboard: bool = False
+    device: str = "cpu"        # the LM's device; the policy and the GRPO bookkeeping stay on the CPU
 
     def __post_init__(self):
         checks = [
@@ -204,7 +205,7 @@ class Trainer:
         if self.world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
         if model is None:
-            model, tokenizer = load(cfg.model, dtype=cfg.dtype)
+            model, tokenizer = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
         self.model_name = model_name or cfg.model
         self.grid = cfg.action_grid()
         self.engine = Engine(model, cfg.settings(), mode="simulate")

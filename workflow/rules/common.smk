@@ -22,19 +22,21 @@ def quoted(xs):
 
 
 TEXT = (f"--model {MODEL} --data {config['data']} --context {EV['context']} --steps {EV['steps']} "
-        f"--episode {EV['episode']} --blocks {EV['blocks']} --batch {EV['batch']}")
+        f"--episode {EV['episode']} --blocks {EV['blocks']} --batch {EV['batch']} --device {DEVICE}")
 CMD = {
     "eval_ppl": f"sol eval ppl {TEXT} --budget {words(EV['budgets'])} --paper-baselines {EV['random_trials']}",
     "eval_uniform": f"sol eval ppl {TEXT} --controller dense {quoted(EV['uniform'])}",
     "eval_mmlu": (f"sol eval mmlu --model {MODEL} --budget {words(MM['budgets'])} --paper-baselines --style "
-                  f"{MM['style']} --shots {MM['shots']} --per-subject {MM['per_subject']} --episode {EV['episode']}"),
-    "bench": f"sol bench --model {MODEL} --kv-len {words(config['bench']['kv_len'])} --steps {config['bench']['steps']}",
+                  f"{MM['style']} --shots {MM['shots']} --per-subject {MM['per_subject']} --episode {EV['episode']} "
+                  f"--device {DEVICE}"),
+    "bench": (f"sol bench --model {MODEL} --kv-len {words(config['bench']['kv_len'])} "
+              f"--steps {config['bench']['steps']} --device {DEVICE}"),
     "profile": (f"sol profile --model {MODEL} --data {config['data']} --context {EV['context']} "
-                f"--steps {EV['steps']} --blocks {ST['profile_blocks']} --out {OUT}"),
+                f"--steps {EV['steps']} --blocks {ST['profile_blocks']} --device {DEVICE} --out {OUT}"),
     "kv_pollution": (f"sol study kv-pollution --model {MODEL} --data {config['data']} --context {EV['context']} "
-                     f"--blocks {ST['kv_blocks']} --tail {ST['kv_tail']} --out {OUT}"),
+                     f"--blocks {ST['kv_blocks']} --tail {ST['kv_tail']} --device {DEVICE} --out {OUT}"),
     "timeline": (f"sol timeline --model {MODEL} --data {config['data']} --context {EV['context']} --steps {EV['steps']} "
-                 f"--episode {EV['episode']} --budget {ST['timeline_budget']} --out {OUT}"),
+                 f"--episode {EV['episode']} --budget {ST['timeline_budget']} --device {DEVICE} --out {OUT}"),
     "report": f"sol report --results {OUT} --config {CONFIG_FILE} --model {MODEL} --primary {EV['primary']}",
     "claims": f"sol claims --check {OUT} --config {CONFIG_FILE} --sanity",
 }
