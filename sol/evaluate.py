@@ -29,6 +29,8 @@ def run_blocks(runtime: Runtime, built: Built, blocks: torch.Tensor, budget: flo
     out = {k: [] for k in ("nll", "flop_keep", "total_keep", "token_keep", "prune_keep", "bit_ratio", "step_ms")}
     for i in tqdm(range(0, len(blocks), batch), desc=desc, leave=False):
         chunk = blocks[i:i + batch]
+        if hasattr(built.controller, "prepare"):  # oracles that look at the whole block first
+            built.controller.prepare(runtime, chunk, budget, context, episode)
         ro = runtime.rollout(chunk, built.controller, budget, context, episode=episode)
         eff = ro.effective
         a = ro.actions[:, eff]

@@ -16,6 +16,9 @@ spec                                               controller
 ``weights:bits=4,group=128``                       static group-wise RTN weight quantisation (dense actions)
 ``heads:keep=0.75``                                fixed head pruning: keep the most important 75 % of query heads
                                                    per layer (importance from the validation split)
+``oracle-greedy:grid=J-3L,horizon=2``              non-causal bound: per step the action minimising lookahead loss
+                                                   + λ·keep under budget tracking (``--budget``)
+``oracle-ranked:axis=prune_keep,low=0.5,high=1``   non-causal bound: high level at the most damaged positions
 =================================================  ==================================================================
 
 Options may be separated by ``;`` or ``/`` instead of ``,`` (lm-eval's ``--model_args`` splits on commas):
@@ -31,7 +34,8 @@ from sol.actions import Action, ActionGrid, grid_from
 from sol.controllers import Controller, Dense, FixedAction
 from sol.errors import SolError
 
-KINDS = ("dense", "uniform", "matched", "random", "emc", "dac", "policy", "policy-tracked", "weights", "heads")
+KINDS = ("dense", "uniform", "matched", "random", "emc", "dac", "policy", "policy-tracked", "weights", "heads",
+         "oracle-greedy", "oracle-ranked")
 
 
 @dataclass
@@ -99,6 +103,23 @@ def build(spec: str, model_name: str | None = None) -> Built:
             raise SolError(f"unknown weights option '{sorted(opts)[0]}': use bits, group")
         c.name = f"weights:int{bits}-g{group}"
         return Built(c, g, weight_bits=bits, group_size=group)
+    if kind in ("oracle-greedy", "oracle-ranked"):
+        from sol.oracles import GreedyOracle, RankedOracle
+
+        opts = _kv(rest)
+        if kind == "oracle-greedy":
+            g = grid_from(opts.pop("grid", "J-3L"))
+            c = GreedyOracle(g, horizon=int(opts.pop("horizon", 2)))
+        else:
+            axis = opts.pop("axis", "prune_keep")
+            low, high = float(opts.pop("low")), float(opts.pop("high", 1.0 if axis != "bits" else 16))
+            cast = int if axis == "bits" else float
+            g = ActionGrid(**{axis: (cast(low), cast(high))})
+            c = RankedOracle(g, Action(**{axis: cast(low)}), Action(**{axis: cast(high)}))
+        if opts:
+            raise SolError(f"unknown {kind} option '{sorted(opts)[0]}'")
+        c.name = kind
+        return Built(c, g, uses_budget=True)
     if kind == "heads":
         opts = _kv(rest)
         keep = float(opts.pop("keep", 0.75))

@@ -117,7 +117,9 @@ class Runtime:
             state = StepState(t=t - ep_start, episode_len=min(episode, T - ep_start), kv_len=kv_len,
                               effective=effective, hidden=h.float().cpu(), token=tok.cpu(),
                               embedding=e.embed(tok).float().cpu(), prev_logits=prev_logits.cpu(), budget=budget,
-                              spent=spent.clone(), n_effective=n_eff, prev_action=prev.clone(), keep_table=table)
+                              spent=spent.clone(), n_effective=n_eff, prev_action=prev.clone(), keep_table=table,
+                              probe=self._prober(blocks, cache, pos) if getattr(controller, "needs_probe", False)
+                              else None)
             def decide_and_step():
                 a = controller.act(state) if effective else None
                 if a is None:
@@ -157,6 +159,25 @@ class Runtime:
         if self.timer is not None:
             extras["step_ms"] = step_ms
         return Rollout(logp, acts, eff_all, keep, dense, controller.step_macs(), seen, extras)
+
+    def _prober(self, blocks: torch.Tensor, cache, pos: int):
+        """A function scoring candidate actions for the step at ``pos`` by teacher-forced lookahead (oracles)."""
+        e = self.engine
+
+        def probe(actions: torch.Tensor, horizon: int = 1) -> torch.Tensor:
+            c = cache.clone()
+            nll = torch.zeros(blocks.shape[0])
+            one = torch.ones(blocks.shape[0])
+            for k in range(min(horizon, blocks.shape[1] - pos - 1)):
+                if k == 0:
+                    logits, _ = e.step(blocks[:, pos], c, self._tk[actions], self._pk[actions], self._bits[actions])
+                else:
+                    logits, _ = e.step(blocks[:, pos + k], c, one, one, torch.full_like(one, 16))
+                lp = logits.float().log_softmax(-1).gather(1, blocks[:, pos + k + 1:pos + k + 2]).squeeze(1)
+                nll -= lp.cpu()
+            return nll
+
+        return probe
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, n_new: int, controller: Controller, budget: float | torch.Tensor,
