@@ -243,6 +243,27 @@ def cmd_kv_pollution(args) -> None:
     print(summary.to_markdown(index=False, floatfmt=".3g"))
 
 
+def cmd_headroom(args) -> None:
+    from sol.engine import Engine
+    from sol.io import write_csv, write_json
+    from sol.models import load
+    from sol.studies import headroom, where_it_hurts
+
+    _threads(args.threads)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    blocks = _text_blocks(args, tok, args.context + args.steps + 1)
+    cast = int if args.axis == "bits" else float
+    summary, diag = headroom(Engine(model), blocks, args.context, args.axis, cast(args.low), cast(args.high),
+                             cast(args.mid), args.hi_share, args.seeds, args.batch)
+    hurts = where_it_hurts(diag)
+    out = Path(args.out)
+    tag = f"{args.axis}_{args.low}_{args.high}"
+    write_csv(out / f"headroom_{tag}.csv", summary)
+    write_json(out / f"where_it_hurts_{tag}.json", hurts)
+    print(summary[["schedule", "ppl", "gap_closed", "gap_lo", "gap_hi"]].to_markdown(index=False, floatfmt=".3g"))
+    print(json.dumps(hurts, indent=1))
+
+
 def cmd_timeline(args) -> None:
     from sol import figures
     from sol.engine import Engine
@@ -415,6 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--corrupt", type=int, default=4)
     kv.add_argument("--tail", type=int, default=32)
     kv.set_defaults(func=cmd_kv_pollution)
+
+    hr = st.add_parser("headroom", help="uniform vs random/entropy/oracle two-level schedules on one axis")
+    text_args(hr)
+    hr.add_argument("--steps", type=int, default=256)
+    hr.add_argument("--axis", default="prune_keep", choices=["prune_keep", "bits", "token_keep"])
+    hr.add_argument("--low", required=True)
+    hr.add_argument("--high", required=True)
+    hr.add_argument("--mid", required=True, help="the uniform level U at the same mean cost")
+    hr.add_argument("--hi-share", type=float, required=True, help="share of positions at the high level")
+    hr.add_argument("--seeds", type=int, default=3)
+    hr.set_defaults(func=cmd_headroom)
 
     tl = sub.add_parser("timeline", help="per-token actions of a controller next to the dense entropy")
     text_args(tl, blocks=2)

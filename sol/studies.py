@@ -106,3 +106,96 @@ def action_timeline(runtime: Runtime, controller: Controller, blocks: torch.Tens
                              flop_keep=float(ro.flop_keep[b, t]), dense_entropy=float(ent[b, t]),
                              nll=float(-ro.logprobs[b, t]), dense_nll=float(-dense.logprobs[b, t])))
     return pd.DataFrame(rows)
+
+
+class _Schedule(Controller):
+    """A precomputed per-row schedule of grid action ids [B, T] (column = decode step)."""
+
+    def __init__(self, grid: ActionGrid, plan: torch.Tensor, context: int, name: str):
+        super().__init__(grid)
+        self.plan, self.context, self.name = plan, context, name
+
+    def act(self, state):
+        return self.plan[:, state.kv_len - 1 - self.context]
+
+
+def headroom(engine, blocks: torch.Tensor, context: int, axis: str, low, high, mid, hi_share: float,
+             seeds: int = 3, batch: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The headroom study (shared/docs/headroom-study.md) through this runtime, one axis, no refresh.
+
+    U: uniform ``mid`` level; R: random two-level mixes (``seeds``); E: high level at the highest dense entropy;
+    O: high level at the positions the low level damages most (non-causal, in-sample). All two-level schedules put
+    the high level at round(hi_share·T) positions per block. Gap closed = (ppl_U − ppl_X)/(ppl_U − ppl_dense), with a
+    95 % bootstrap CI over blocks. Returns (summary rows, per-position diagnostics: damage vs dense entropy/top-1).
+    """
+    from sol.stats import bootstrap_ci
+
+    levels = sorted({low, high, mid, 16 if axis == "bits" else 1.0})
+    grid = ActionGrid(**{axis: tuple(levels)})
+    rt = Runtime(engine, grid)
+    idx = {v: grid.index(Action(**{axis: v})) for v in levels}
+    dense_idx = grid.dense_index
+
+    def run(plan_fn, name):
+        out = []
+        for i in range(0, len(blocks), batch):
+            chunk = blocks[i:i + batch]
+            T = chunk.shape[1] - context - 1
+            ctrl = _Schedule(grid, plan_fn(i, chunk.shape[0], T), context, name)
+            out.append(rt.rollout(chunk, ctrl, 1.0, context, keep_distributions=name == "dense"))
+        return out
+
+    const = lambda v: (lambda i, b, T: torch.full((b, T), idx[v]))  # noqa: E731
+    dense_ro = run(const(16 if axis == "bits" else 1.0), "dense")
+    low_ro = run(const(low), "low")
+    high_ro = run(const(high), "high")
+    nll = {"dense": torch.cat([r.nll for r in dense_ro]), "U": torch.cat([r.nll for r in run(const(mid), "U")])}
+    lp = torch.cat([r.extras["log_distributions"] for r in dense_ro])
+    entropy = -(lp.exp() * lp).sum(-1)
+    top1 = lp.exp().max(-1).values
+    damage = torch.cat([r.nll for r in low_ro]) - torch.cat([r.nll for r in high_ro])
+    N, T = damage.shape
+    n_hi = round(hi_share * T)
+
+    def ranked(score):
+        def plan(i, b, T_):
+            p = torch.full((b, T_), idx[low])
+            p.scatter_(1, score[i:i + b].topk(n_hi, dim=1).indices, idx[high])
+            return p
+        return plan
+
+    nll["E"] = torch.cat([r.nll for r in run(ranked(entropy), "E")])
+    nll["O"] = torch.cat([r.nll for r in run(ranked(damage), "O")])
+    for s in range(seeds):
+        g = torch.Generator().manual_seed(s)
+        nll[f"R{s}"] = torch.cat([r.nll for r in run(ranked(torch.rand(N, T, generator=g)), f"R{s}")])
+    base_u, base_d = nll["U"].mean(1).numpy(), nll["dense"].mean(1).numpy()
+    rows = []
+    for name, x in nll.items():
+        per_block = x.mean(1).numpy()
+        ppl = float(np.exp(per_block.mean()))
+        def gap(v, u, d):
+            den = np.exp(u.mean()) - np.exp(d.mean())
+            return (np.exp(u.mean()) - np.exp(v.mean())) / den if abs(den) > 1e-12 else float("nan")
+
+        stacked = np.stack([per_block, base_u, base_d], 1)
+        lo, hi = bootstrap_ci(stacked, stat=lambda m: gap(m[:, 0], m[:, 1], m[:, 2]))
+        rows.append(dict(axis=axis, low=low, high=high, mid=mid, hi_share=hi_share, schedule=name, ppl=ppl,
+                         gap_closed=gap(per_block, base_u, base_d), gap_lo=lo, gap_hi=hi, tokens=int(x.numel())))
+    diag = pd.DataFrame({"damage": damage.flatten().numpy(), "dense_entropy": entropy.flatten().numpy(),
+                         "dense_top1": top1.flatten().numpy()})
+    return pd.DataFrame(rows), diag
+
+
+def where_it_hurts(diag: pd.DataFrame, worst=(0.01, 0.05, 0.1, 0.2)) -> dict:
+    """Spearman correlation of per-position damage with dense entropy / top-1, and the share of total damage the
+    worst k % of positions carry."""
+    d = diag.damage.to_numpy()
+    total = d[d > 0].sum()
+    order = np.sort(d)[::-1]
+    out = {"spearman_entropy": float(diag.damage.corr(diag.dense_entropy, method="spearman")),
+           "spearman_top1": float(diag.damage.corr(diag.dense_top1, method="spearman"))}
+    for k in worst:
+        n = max(1, int(round(k * len(order))))
+        out[f"damage_share_worst_{int(k * 100)}pct"] = float(order[:n].clip(min=0).sum() / max(total, 1e-12))
+    return out

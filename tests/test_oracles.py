@@ -45,3 +45,18 @@ def test_ranked_oracle_beats_random_placement(tiny_llama):
     random_mix = 0.5 * (lo.nll.mean() + hi.nll.mean())
     assert ro.nll.mean() < random_mix
     assert math.isfinite(summary.ppl.iloc[0]) and summary.method.iloc[0] == "oracle-ranked"
+
+
+def test_headroom_study_schedules(tiny_llama):
+    from sol.studies import headroom, where_it_hurts
+
+    torch.manual_seed(2)
+    blocks = torch.randint(0, 300, (4, 57))
+    summary, diag = headroom(Engine(tiny_llama), blocks, 24, "bits", 3, 8, 5, 0.5, seeds=2, batch=4)
+    ppl = dict(zip(summary.schedule, summary.ppl))
+    assert set(ppl) == {"dense", "U", "E", "O", "R0", "R1"}
+    assert ppl["O"] <= min(ppl["R0"], ppl["R1"])  # damage-ranked placement beats random placement in-sample
+    assert summary.loc[summary.schedule == "U", "gap_closed"].item() == 0
+    hurts = where_it_hurts(diag)
+    assert 0 < hurts["damage_share_worst_10pct"] <= 1 and -1 <= hurts["spearman_entropy"] <= 1
+    assert len(diag) == 4 * 32
