@@ -47,6 +47,12 @@ def cmd_bench(args) -> None:
         print(f"wrote {args.out}")
 
 
+def _check_budgets(budgets) -> None:
+    for b in budgets:
+        if not 0 < b <= 1:
+            raise SolError(f"budget {b} out of range: a budget is a mean FLOP keep in (0, 1]")
+
+
 def cmd_train(args) -> None:
     from sol.train import Trainer, load_config
 
@@ -68,13 +74,9 @@ def cmd_eval_ppl(args) -> None:
     from sol.models import load
 
     _threads(args.threads)
-    for b in args.budget:
-        if not 0 < b <= 1:
-            raise SolError(f"budget {b} out of range: a budget is a mean FLOP keep in (0, 1]")
+    _check_budgets(args.budget)
     model, tok = load(args.model, dtype=args.dtype, device=args.device)
-    blocks = torch.from_numpy(data.blocks(args.data, args.split, tok, args.context + args.steps + 1))
-    if args.blocks:
-        blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))[:args.blocks]]
+    blocks = _text_blocks(args, tok, args.context + args.steps + 1)
     settings = ActionSettings(args.criterion, args.page_size, args.sinks, args.window, args.faithful)
     calibration = None
     if any(c.startswith("heads") for c in args.controller):  # head importance from the validation split
@@ -117,9 +119,7 @@ def cmd_eval_mmlu(args) -> None:
     from sol.models import cache_dir, load
 
     _threads(args.threads)
-    for b in args.budget:
-        if not 0 < b <= 1:
-            raise SolError(f"budget {b} out of range: a budget is a mean FLOP keep in (0, 1]")
+    _check_budgets(args.budget)
     tasks = mmlu.prepare(cache_dir() / "mmlu")
     group = f"sol_mmlu_{args.style}" + (f"_{args.shots}shot" if args.shots else "")
     model, tok = load(args.model, dtype=args.dtype, device=args.device)

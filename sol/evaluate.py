@@ -61,6 +61,23 @@ def transformed(model, built: Built, calibration: torch.Tensor | None):
     return m
 
 
+def summary_row(method: str, budget: float, r: dict, model_name: str, seed: int = 0, **extra) -> dict:
+    """One (method, budget) summary from :func:`run_blocks` arrays: ppl with a block-bootstrap CI, keeps, time."""
+    ppl, lo, hi = ppl_with_ci(r["nll"], seed=seed)
+    return dict(method=method, budget=budget, ppl=ppl, ppl_lo=lo, ppl_hi=hi, nll=float(r["nll"].mean()),
+                flop_keep=float(r["flop_keep"].mean()), total_keep=float(r["total_keep"].mean()),
+                token_keep=float(r["token_keep"].mean()), prune_keep=float(r["prune_keep"].mean()),
+                bit_ratio=float(r["bit_ratio"].mean()),
+                net_keep=float((r["token_keep"] + r["prune_keep"] + r["bit_ratio"]).mean() / 3),
+                blocks=len(r["nll"]), tokens=int(r["nll"].size), model=model_name,
+                step_ms=float(r["step_ms"].mean()) if "step_ms" in r else np.nan, **extra)
+
+
+def block_rows(method: str, budget: float, r: dict) -> list[dict]:
+    return [dict(method=method, budget=budget, block=b, nll=float(r["nll"][b].mean()), flop_keep=float(r["flop_keep"][b]))
+            for b in range(len(r["nll"]))]
+
+
 def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], budgets: list[float], context: int,
              episode: int, batch: int = 8, settings: ActionSettings | None = None, seed: int = 0,
              calibration: torch.Tensor | None = None, time_steps: bool = False, mode: str = "simulate"):
@@ -77,18 +94,9 @@ def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], bud
         for budget in (budgets if built.uses_budget else [1.0]):
             torch.manual_seed(seed)
             r = run_blocks(runtime, built, blocks, budget, context, episode, batch, desc=f"{built.controller.name} {budget:g}")
-            ppl, lo, hi = ppl_with_ci(r["nll"], seed=seed)
             method = built.controller.name
-            rows.append(dict(method=method, budget=budget if built.uses_budget else np.nan, ppl=ppl, ppl_lo=lo,
-                             ppl_hi=hi, nll=float(r["nll"].mean()), flop_keep=float(r["flop_keep"].mean()),
-                             total_keep=float(r["total_keep"].mean()), token_keep=float(r["token_keep"].mean()),
-                             prune_keep=float(r["prune_keep"].mean()), bit_ratio=float(r["bit_ratio"].mean()),
-                             net_keep=float((r["token_keep"] + r["prune_keep"] + r["bit_ratio"]).mean() / 3),
-                             blocks=len(blocks), tokens=int(r["nll"].size), model=model_name,
-                             step_ms=float(r["step_ms"].mean()) if "step_ms" in r else np.nan))
-            for b in range(len(blocks)):
-                per_block.append(dict(method=method, budget=rows[-1]["budget"], block=b, nll=float(r["nll"][b].mean()),
-                                      flop_keep=float(r["flop_keep"][b])))
+            rows.append(summary_row(method, budget if built.uses_budget else np.nan, r, model_name, seed))
+            per_block += block_rows(method, rows[-1]["budget"], r)
     summary = pd.DataFrame(rows)
     if time_steps and "dense" in set(summary.method):
         summary["time_ratio"] = summary.step_ms / summary.loc[summary.method == "dense", "step_ms"].iloc[0]
@@ -136,16 +144,8 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, per_block: pd
             sel_ppl[name] = float(np.exp(r["nll"].mean()))
         for name, ctrl in candidates + randoms:
             r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, desc=f"{name}@{point:g}")
-            ppl, lo, hi = ppl_with_ci(r["nll"], seed=seed)
-            rows.append(dict(method=name, budget=point, ppl=ppl, ppl_lo=lo, ppl_hi=hi, nll=float(r["nll"].mean()),
-                             flop_keep=float(r["flop_keep"].mean()), total_keep=float(r["total_keep"].mean()),
-                             token_keep=float(r["token_keep"].mean()), prune_keep=float(r["prune_keep"].mean()),
-                             bit_ratio=float(r["bit_ratio"].mean()),
-                             net_keep=float((r["token_keep"] + r["prune_keep"] + r["bit_ratio"]).mean() / 3),
-                             blocks=len(blocks), tokens=int(r["nll"].size), model=model_name,
-                             selection_ppl=sel_ppl.get(name, np.nan)))
-            blocks_out += [dict(method=name, budget=point, block=b, nll=float(r["nll"][b].mean()),
-                                flop_keep=float(r["flop_keep"][b])) for b in range(len(blocks))]
+            rows.append(summary_row(name, point, r, model_name, seed, selection_ppl=sel_ppl.get(name, np.nan)))
+            blocks_out += block_rows(name, point, r)
         trials = [x for x in rows if x["method"].startswith("random:") and x["budget"] == point]
         key = "ppl" if select_on_eval else "selection_ppl"
         best = min(trials, key=lambda x: x[key])

@@ -110,3 +110,30 @@ def test_ddp_two_processes_gloo(corpus, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "ddp" / "policy.pt").is_file()
+
+
+def test_policy_eval_with_paper_baselines(corpus, tmp_path):
+    """A trained checkpoint evaluates as `policy` and `policy-tracked`; the paper's baselines match its averages."""
+    from sol.evaluate import eval_ppl, paper_baselines
+    from sol.models import load
+    from sol.registry import build
+
+    assert _train(corpus, tmp_path / "r", "updates=1").returncode == 0
+    ck = tmp_path / "r" / "policy.pt"
+    model, _ = load("tiny-llama")
+    torch.manual_seed(0)
+    blocks, selection = torch.randint(0, 300, (4, 49)), torch.randint(0, 300, (2, 49))
+    specs = [f"policy-tracked:{ck}", f"policy:{ck}"]
+    summary, per_block = eval_ppl(model, "tiny-llama", blocks, specs, [0.7, 0.9], context=32, episode=8, batch=4)
+    tracked = summary[summary.method == "policy-tracked"]
+    assert ((tracked.flop_keep - tracked.budget).abs() < 0.05).all()
+    extra, extra_blocks = paper_baselines(model, "tiny-llama", summary, per_block, blocks, selection,
+                                          build(specs[0]).grid, 32, 8, 4, n_random=2, primary="policy-tracked")
+    assert {"matched", "emc", "dac", "random:seed=0", "random:seed=1", "random-best"} == set(extra.method)
+    for b in (0.7, 0.9):
+        m = extra[(extra.method == "matched") & (extra.budget == b)].iloc[0]
+        p = tracked[tracked.budget == b].iloc[0]
+        assert abs(m.prune_keep - p.prune_keep) < 0.1 and abs(m.bit_ratio - p.bit_ratio) < 0.15
+    best = extra[extra.method == "random-best"]
+    assert (best.selected_on == "selection split").all()
+    assert len(extra_blocks) == len(extra) * 4
