@@ -14,9 +14,9 @@ from sol.io import atomic_path  # noqa: E402
 
 plt.rcParams.update({"pdf.fonttype": 42, "figure.dpi": 110, "font.size": 9})
 sns.set_theme(style="whitegrid", context="paper")
-MARKERS = {"policy": "o", "matched": "s", "uniform": "^", "random": "x", "emc": "D", "dac": "v", "dense": "*",
+MARKERS = {"policy": "o", "policy-tracked": "P", "matched": "s", "uniform": "^", "random": "x", "emc": "D", "dac": "v", "dense": "*",
            "weights": "P", "heads": "X", "oracle": "d"}
-COLORS = {"policy": "#5e3c99", "matched": "#e66101", "uniform": "#1b7837", "random": "#4393c3", "emc": "#b2abd2",
+COLORS = {"policy": "#5e3c99", "policy-tracked": "#2d004b", "matched": "#e66101", "uniform": "#1b7837", "random": "#4393c3", "emc": "#b2abd2",
           "dac": "#fdb863", "dense": "black", "weights": "#8c510a", "heads": "#01665e", "oracle": "#7f7f7f"}
 
 
@@ -75,11 +75,15 @@ def pareto(df: pd.DataFrame, path, x: str = "flop_keep", y: str = "ppl", ylabel:
         if lo in front:
             ax.errorbar(front[x], front[y], yerr=[front[y] - front[lo], front[hi] - front[y]], fmt="none", ecolor=c,
                         alpha=0.6, lw=0.8)
-        ax.plot(front[x], front[y], marker=m, c=c, label=fam, ls="-" if fam == "policy" else "--", ms=5)
+        ax.plot(front[x], front[y], marker=m, c=c, label=fam, ls="-" if fam.startswith("policy") else "--", ms=5)
     if oracle is not None and len(oracle):
         ax.plot(oracle[x], oracle[y], c="0.5", ls=":", label="oracle bound")
     if dense_line is not None:
         ax.axhline(dense_line, c="k", ls="-.", lw=0.8, label="dense")
+    if lower_is_better:  # perplexity: log scale, and outliers (e.g. aggressive head pruning) clipped from view
+        lo = df[y].min()
+        ax.set_yscale("log")
+        ax.set_ylim(lo * 0.97, min(df[y].max() * 1.05, lo * 2.5))
     ax.set_xlabel({"flop_keep": "FLOP keep (bit-weighted, fvcore)", "net_keep": "net keep (κ+ρ+b/16)/3"}.get(x, x))
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
