@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # Main job: the whole pipeline on the embedded default model (SmolLM2-135M, offline).
 reproduce: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores 2 all
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores 2 all --forceall
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
