@@ -95,7 +95,7 @@ def cmd_eval_ppl(args) -> None:
         grid = build(pols[0], args.model).grid  # baselines match the first policy listed
         selection = torch.from_numpy(data.blocks(args.data, "validation", tok, args.context + args.steps + 1,
                                                  max_blocks=args.selection_blocks))
-        extra, extra_blocks = paper_baselines(model, args.model, summary, per_block, blocks, selection, grid,
+        extra, extra_blocks = paper_baselines(model, args.model, summary, blocks, selection, grid,
                                               args.context, args.episode or args.steps, args.batch,
                                               args.paper_baselines, settings, args.seed, args.select_on_eval,
                                               primary=pols[0].split(":", 1)[0])

@@ -82,7 +82,6 @@ class Engine(nn.Module):
         self.embed, self.norm, self.rotary, self.lm_head = base.embed_tokens, base.norm, base.rotary_emb, hf_model.lm_head
         self.layers = base.layers
         attn = self.layers[0].self_attn
-        self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling

@@ -37,9 +37,8 @@ def run_blocks(runtime: Runtime, built: Built, blocks: torch.Tensor, budget: flo
         out["nll"].append(ro.nll.numpy())
         out["flop_keep"].append(ro.mean_flop_keep().numpy())
         out["total_keep"].append(ro.mean_total_keep().numpy())
-        out["token_keep"].append(runtime._tk[a].double().mean(1).numpy())
-        out["prune_keep"].append(runtime._pk[a].double().mean(1).numpy())
-        out["bit_ratio"].append((runtime._bits[a].double() / 16).mean(1).numpy())
+        for axis, v in runtime.axis_usage(a).items():
+            out[axis].append(v.mean(1).numpy())
         if "step_ms" in ro.extras:  # one step serves the whole chunk: charge its time to every block of it
             out["step_ms"].append(np.full(len(chunk), ro.extras["step_ms"].mean().item()))
     return {k: np.concatenate(v) for k, v in out.items() if v}
@@ -116,8 +115,7 @@ def paired(per_block: pd.DataFrame, a: tuple[str, float], b: tuple[str, float]) 
             "ppl_ratio_lo": float(np.exp(lo)), "ppl_ratio_hi": float(np.exp(hi))}
 
 
-def paper_baselines(model, model_name: str, summary: pd.DataFrame, per_block: pd.DataFrame, blocks: torch.Tensor,
-                    selection: torch.Tensor, grid, context: int, episode: int, batch: int = 8, n_random: int = 5,
+def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch.Tensor, selection: torch.Tensor, grid, context: int, episode: int, batch: int = 8, n_random: int = 5,
                     settings: ActionSettings | None = None, seed: int = 0, select_on_eval: bool = False,
                     primary: str = "policy"):
     """The reference's schedule baselines at every policy operating point (reference §8): the matched two-level mix

@@ -90,10 +90,8 @@ class SolLM(LM):
             self.stats["steps"] += int(eff.sum())
             self.stats["flop_keep_sum"] += float(ro.flop_keep[i, :n][eff].sum())
             self.stats["total_keep_sum"] += float((ro.flop_keep[i, :n] + ro.controller_macs / ro.dense_macs[:n])[eff].sum())
-            a = ro.actions[i, :n][eff]
-            self.stats["token_keep_sum"] += float(self.runtime._tk[a].sum())
-            self.stats["prune_keep_sum"] += float(self.runtime._pk[a].sum())
-            self.stats["bit_ratio_sum"] += float(self.runtime._bits[a].sum() / 16)
+            for axis, v in self.runtime.axis_usage(ro.actions[i, :n][eff]).items():
+                self.stats[f"{axis}_sum"] += float(v.sum())
         return out
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):

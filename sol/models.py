@@ -195,7 +195,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.flo
     """Return ``(model, tokenizer)``: a frozen causal LM (eval mode, no grad) on ``device`` and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if name_or_path in ASSETS else None
+    if name_or_path in ASSETS:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype) or _bad_dtype(dtype)

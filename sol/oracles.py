@@ -27,18 +27,13 @@ class GreedyOracle(Controller):
         self.horizon = horizon
         self.candidates = candidates or list(range(len(grid)))
 
-    def start_episode(self, n_rows, budget):
-        self.spent = torch.zeros(n_rows)
-        self.n = 0
-        self.budget = budget.float()
-
     def act(self, state: StepState) -> torch.Tensor:
         B = state.batch
         cand = torch.tensor(self.candidates)
         loss = torch.stack([state.probe(torch.full((B,), int(a)), self.horizon) for a in cand], 1)  # [B, C]
         keep = state.keep_table[cand]                                                                # [C]
         R = max(state.remaining, 1)
-        req = ((self.budget * (self.n + R) - self.spent) / R).clamp(float(keep.min()), float(keep.max()))
+        req = ((state.budget * (state.n_effective + R) - state.spent) / R).clamp(float(keep.min()), float(keep.max()))
         # smallest λ ≥ 0 whose argmin(loss + λ·keep) fits the required keep (bisection over λ)
         lo, hi = torch.zeros(B), torch.full((B,), 1e4)
         for _ in range(40):
@@ -46,10 +41,7 @@ class GreedyOracle(Controller):
             fits = keep[(loss + lam[:, None] * keep).argmin(1)] <= req + 1e-9
             hi = torch.where(fits, lam, hi)
             lo = torch.where(fits, lo, lam)
-        pick = cand[(loss + hi[:, None] * keep).argmin(1)]
-        self.spent += state.keep_table[pick]
-        self.n += 1
-        return pick
+        return cand[(loss + hi[:, None] * keep).argmin(1)]
 
 
 class RankedOracle(Controller):

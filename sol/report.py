@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from sol import figures
-from sol.compare import pareto_front, versus_front
+from sol.compare import bracket, pareto_front, versus_front
 from sol.io import write_json, write_text
 from sol.stats import paired_diff_ci
 
@@ -75,8 +75,6 @@ def _mmlu_claim(mmlu: pd.DataFrame | None, questions: pd.DataFrame | None, prima
     best = None
     for _, p in mmlu[mmlu.method == primary].iterrows():
         pol = q[(q.method == primary) & np.isclose(q.budget, p.budget)].sort_values("key").acc.to_numpy()
-        from sol.compare import bracket
-
         br = bracket(front, p.flop_keep)
         if br is None:
             continue
@@ -226,7 +224,7 @@ def build_report(res: Path, config_path: Path, model: str, primary: str = "polic
             figures.random_violin(violin, res / "random_violin.pdf")
     if mmlu is not None:
         dense = mmlu.loc[mmlu.method == "dense", "acc"]
-        figures.pareto(mmlu.rename(columns={}), res / "pareto_mmlu.pdf", y="acc", ylabel="MMLU accuracy",
+        figures.pareto(mmlu, res / "pareto_mmlu.pdf", y="acc", ylabel="MMLU accuracy",
                        lower_is_better=False, dense_line=float(dense.iloc[0]) if len(dense) else None)
         _table(mmlu, res / "table_mmlu")
     bench = _read(res / "bench.csv")

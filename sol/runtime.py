@@ -63,6 +63,11 @@ class Runtime:
         self._tk, self._pk, self._bits = t["token_keep"], t["prune_keep"], t["bits"]
         self._keep_tables: dict[int, torch.Tensor] = {}
 
+    def axis_usage(self, actions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-axis keep ratios (κ, ρ, b/16) of grid action ids, same shape as ``actions``."""
+        return {"token_keep": self._tk[actions].double(), "prune_keep": self._pk[actions].double(),
+                "bit_ratio": self._bits[actions].double() / 16}
+
     def keep_table(self, kv_len: int) -> torch.Tensor:
         if kv_len not in self._keep_tables:
             self._keep_tables[kv_len] = self.cost.keep_table(self.grid, kv_len).float()

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from sol.actions import ActionGrid, ActionSettings, grid_from
 from sol.config import config_hash, from_dict, load_yaml
+from sol.controllers import Dense
 from sol.cost import CostModel
 from sol.engine import Engine
 from sol.errors import SolError
@@ -292,7 +293,7 @@ class Trainer:
         ro = self.runtime.rollout(blocks, ctrl, budget, c.context, rollouts=K, keep_distributions=c.kl_weight > 0)
         r = ro.logprobs.clone()
         if c.kl_weight > 0:
-            dense = self.runtime.rollout(blocks, _dense(self.grid), 1.0, c.context, keep_distributions=True)
+            dense = self.runtime.rollout(blocks, Dense(self.grid), 1.0, c.context, keep_distributions=True)
             p_dense = dense.extras["log_distributions"].repeat_interleave(K, 0)
             kl = (p_dense.exp() * (p_dense - ro.extras["log_distributions"])).sum(-1)
             r = r - c.kl_weight * kl
@@ -384,12 +385,6 @@ class Trainer:
         if writer:
             writer.close()
         return final
-
-
-def _dense(grid):
-    from sol.controllers import Dense
-
-    return Dense(grid)
 
 
 def _yaml(d: dict) -> str:

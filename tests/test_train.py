@@ -127,7 +127,7 @@ def test_policy_eval_with_paper_baselines(corpus, tmp_path):
     summary, per_block = eval_ppl(model, "tiny-llama", blocks, specs, [0.7, 0.9], context=32, episode=8, batch=4)
     tracked = summary[summary.method == "policy-tracked"]
     assert ((tracked.flop_keep - tracked.budget).abs() < 0.05).all()
-    extra, extra_blocks = paper_baselines(model, "tiny-llama", summary, per_block, blocks, selection,
+    extra, extra_blocks = paper_baselines(model, "tiny-llama", summary, blocks, selection,
                                           build(specs[0]).grid, 32, 8, 4, n_random=2, primary="policy-tracked")
     assert {"matched", "emc", "dac", "random:seed=0", "random:seed=1", "random-best"} == set(extra.method)
     for b in (0.7, 0.9):
