@@ -89,7 +89,7 @@ class BudgetTracker(_PerAxis):
 
     def act(self, state: StepState) -> torch.Tensor:
         u = self.signal(state).double()
-        R = max(state.remaining, 1)
+        R = state.remaining.double()
         chosen = {}
         for a in AXES:
             levels, target, spent = self.levels[a], self.targets[a], self.sums[a]
@@ -164,15 +164,22 @@ class RandomPermutation(_PerAxis):
         self._plan = None
         self._rows = n_rows
 
-    def schedule(self, n_rows: int, length: int) -> dict[str, torch.Tensor]:
-        """Per axis a [n_rows, length] table of levels with exactly round(p_hi·length) high entries per row."""
+    def schedule(self, n_rows: int, length) -> dict[str, torch.Tensor]:
+        """Per axis a [n_rows, max length] table of levels; row r holds exactly round(p_hi·length[r]) high entries
+        among its first length[r] (``length``: an int or [n_rows] tensor; the rest, past the row's end, is low)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._episodes)
+        lengths = torch.as_tensor(length).expand(n_rows).tolist()
+        width = max(lengths)
         plan = {}
         for a in AXES:
             lo, hi = _bracket(self.levels[a], self.targets[a])
-            n_hi = 0 if hi == lo else round((self.targets[a] - lo) / (hi - lo) * length)
-            base = torch.tensor([hi] * n_hi + [lo] * (length - n_hi), dtype=torch.float64)
-            plan[a] = torch.stack([base[torch.randperm(length, generator=g)] for _ in range(n_rows)])
+            rows = []
+            for n in lengths:
+                n_hi = 0 if hi == lo else round((self.targets[a] - lo) / (hi - lo) * n)
+                base = torch.tensor([hi] * n_hi + [lo] * (n - n_hi), dtype=torch.float64)
+                rows.append(torch.cat([base[torch.randperm(n, generator=g)], torch.full((width - n,), lo,
+                                                                                      dtype=torch.float64)]))
+            plan[a] = torch.stack(rows)
         return plan
 
     def act(self, state: StepState) -> torch.Tensor:

@@ -16,8 +16,9 @@ from sol.actions import Action, ActionGrid
 @dataclass
 class StepState:
     t: int                     # step index within the current episode
-    episode_len: int           # steps per episode (dense refresh after each)
-    kv_len: int                # keys the step attends over (cache + current token)
+    episode_len: torch.Tensor  # [B] steps in this episode per row (dense refresh after each; shorter at a row's end)
+    kv_len: int                # cache slots the step attends over (current token included; rows of a ragged
+                               # batch may hold fewer tokens, see Runtime.rollout(pad=...))
     effective: bool            # False: the runtime forces the dense action (kv_len <= sinks + window + 1)
     hidden: torch.Tensor       # [B, D] LM final-norm hidden state of the previous position
     token: torch.Tensor        # [B] current input token ids
@@ -27,7 +28,7 @@ class StepState:
     spent: torch.Tensor        # [B] sum of realised FLOP keep over this episode's effective steps so far
     n_effective: int           # effective steps so far in this episode
     prev_action: torch.Tensor  # [B] previous (effective) action id, -1 at the episode start
-    keep_table: torch.Tensor   # [A] FLOP keep of every grid action at this kv_len
+    keep_table: torch.Tensor   # [B, A] FLOP keep of every grid action at each row's key length
     probe: object = None       # oracles only: probe(actions [B], horizon) → NLL [B] of this step + horizon−1 dense
                                # teacher-forced steps from a copy of the cache (non-causal: it reads future tokens)
 
@@ -36,9 +37,9 @@ class StepState:
         return self.token.shape[0]
 
     @property
-    def remaining(self) -> int:
-        """Effective steps left in the episode, this one included (assumes the rest are effective)."""
-        return self.episode_len - self.t
+    def remaining(self) -> torch.Tensor:
+        """[B] effective steps left in the episode, this one included (assumes the rest are effective), ≥ 1."""
+        return (self.episode_len - self.t).clamp(min=1)
 
 
 class Controller:

@@ -26,16 +26,22 @@ MODES = ("simulate", "compute")
 
 
 class KVCache:
-    """Per-layer key/value tensors [B, Hkv, capacity, hd]; every row holds the same number of positions."""
+    """Per-layer key/value tensors [B, Hkv, capacity, hd]; every row holds the same number of slots.
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], length: int = 0):
-        self.k, self.v, self.length = k, v, length
+    ``pad`` (optional, [B] long) makes a ragged batch: row b's first ``pad[b]`` slots hold no token (left padding).
+    Its tokens sit at slots pad[b].. with RoPE positions 0.., and no query ever attends to a pad slot, so a padded
+    row computes exactly what it computes alone.
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], length: int = 0,
+                 pad: torch.Tensor | None = None):
+        self.k, self.v, self.length, self.pad = k, v, length, pad
 
     @classmethod
     def empty(cls, n_layers, batch, n_kv, head_dim, capacity, dtype, device):
-        shape = (batch, n_kv, capacity, head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)])
+        shape = (batch, n_kv, capacity, head_dim)  # uninitialised: a slot is always written before it is read
+        return cls([torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+                   [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)])
 
     @property
     def batch(self) -> int:
@@ -50,17 +56,29 @@ class KVCache:
         if length <= self.capacity:
             return
         new = max(length, 2 * self.capacity)
-        grow = lambda t: torch.cat([t, t.new_zeros(t.shape[:2] + (new - t.shape[2], t.shape[3]))], 2)  # noqa: E731
+        grow = lambda t: torch.cat([t, t.new_empty(t.shape[:2] + (new - t.shape[2], t.shape[3]))], 2)  # noqa: E731
         self.k = [grow(t) for t in self.k]
         self.v = [grow(t) for t in self.v]
 
     def repeat_rows(self, n: int) -> "KVCache":
         """Row r of the result is row r // n of this cache (B blocks → B·n rollout rows)."""
+        pad = None if self.pad is None else self.pad.repeat_interleave(n, 0)
         return KVCache([t.repeat_interleave(n, 0) for t in self.k], [t.repeat_interleave(n, 0) for t in self.v],
-                       self.length)
+                       self.length, pad)
 
     def clone(self) -> "KVCache":
-        return KVCache([t.clone() for t in self.k], [t.clone() for t in self.v], self.length)
+        pad = None if self.pad is None else self.pad.clone()
+        return KVCache([t.clone() for t in self.k], [t.clone() for t in self.v], self.length, pad)
+
+    def head(self, n: int) -> "KVCache":
+        """A view of the first n rows (writes go to this cache; capacity must already suffice)."""
+        return KVCache([t[:n] for t in self.k], [t[:n] for t in self.v], self.length,
+                       None if self.pad is None else self.pad[:n])
+
+    def real_lengths(self, length: int | None = None) -> list[int]:
+        """Tokens (not slots) per row at ``length`` slots (default: the current length)."""
+        length = self.length if length is None else length
+        return [length] * self.batch if self.pad is None else [length - p for p in self.pad.tolist()]
 
 
 class Engine(nn.Module):
@@ -103,14 +121,18 @@ class Engine(nn.Module):
     # Dense multi-token forward (prefill and dense refresh)
     # ---------------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def extend(self, ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``ids [B, T]`` densely to ``cache``; return (logits [B, T, V], final hidden [B, T, D])."""
+    def extend(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``ids [B, T]`` densely to ``cache``; return (logits [B, T, V], final hidden [B, T, D]), or only the
+        last position's ([B, 1, ·]) with ``last_only`` (a prefill needs no other: the LM head is skipped for them)."""
         B, T = ids.shape
         start = cache.length
         cache.reserve(start + T)
         x = self.embed(ids)
-        cos, sin = self._rope(start, T, B, x)
+        cos, sin = self._rope(start, T, B, x, cache.pad)
         allowed = torch.ones(T, start + T, dtype=torch.bool, device=ids.device).tril(start)
+        if cache.pad is not None:  # [B,1,T,K]: no pad slot is ever attended to
+            allowed = allowed & (torch.arange(start + T, device=ids.device) >= cache.pad.to(ids.device)[:, None]
+                                 ).view(B, 1, 1, -1)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
@@ -122,7 +144,7 @@ class Engine(nn.Module):
             x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         cache.length = start + T
-        hidden = self.norm(x)
+        hidden = self.norm(x[:, -1:] if last_only else x)
         return self.lm_head(hidden), hidden
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -137,10 +159,11 @@ class Engine(nn.Module):
         pos = cache.length
         cache.reserve(pos + 1)
         x = self.embed(ids).unsqueeze(1)  # [B,1,D]
-        cos, sin = self._rope(pos, 1, B, x)
+        cos, sin = self._rope(pos, 1, B, x, cache.pad)
         kv_len = pos + 1
-        tk = _levels(token_keep)
-        groups = _groups(tk, lambda t: 1.0 if keeps_all(t, kv_len, self.settings) else t, self.device)
+        pads = [0] * B if cache.pad is None else cache.pad.tolist()
+        groups = _groups([(1.0 if keeps_all(t, kv_len - p, self.settings) else t, p)
+                          for t, p in zip(_levels(token_keep), pads)], lambda g: g, self.device)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             q, k, v = self._qkv(a, layer.input_layernorm(x), cos, sin)
@@ -155,8 +178,10 @@ class Engine(nn.Module):
         return self.lm_head(hidden), hidden
 
     # ---------------------------------------------------------------------------------------------------------------
-    def _rope(self, start, T, B, x):
+    def _rope(self, start, T, B, x, pad=None):
         pos = torch.arange(start, start + T, device=x.device).unsqueeze(0).expand(B, -1)
+        if pad is not None:
+            pos = (pos - pad.to(x.device)[:, None]).clamp(min=0)
         return self.rotary(x, pos)
 
     def _qkv(self, a, h, cos, sin):
@@ -188,32 +213,40 @@ class Engine(nn.Module):
         return (p.view(B, n_kv, g * T, -1) @ vals).view(B, Hq, T, hd)
 
     def _attend_step(self, q, keys, vals, kv_len, groups):
-        """q [B,Hq,hd]; groups: {token_keep: row indices}. Returns [B,Hq,hd]."""
-        if list(groups) == [1.0]:
-            return self._attend_dense(q.unsqueeze(2), keys, vals, None)[:, :, 0]
+        """q [B,Hq,hd]; groups: {(token_keep, pad): row indices}. Returns [B,Hq,hd].
+
+        A row with ``pad`` leading pad slots is computed on its own keys ``[pad:kv_len]`` (exactly as if unpadded)."""
+        B, Hq = q.shape[:2]
+        if all(t >= 1.0 for t, _ in groups):
+            pads = {p for _, p in groups}
+            if pads == {0}:
+                return self._attend_dense(q.unsqueeze(2), keys, vals, None)[:, :, 0]
         if self.mode == "simulate":
-            allowed = torch.ones(q.shape[0], q.shape[1], kv_len, dtype=torch.bool, device=q.device)
-            for t, rows in groups.items():
+            slot = torch.arange(kv_len, device=q.device)
+            allowed = torch.ones(B, Hq, kv_len, dtype=torch.bool, device=q.device)
+            for (t, p), rows in groups.items():
                 if t < 1.0:
-                    idx, valid = select_tokens(q[rows], keys[rows], kv_len, t, self.settings)
-                    m = torch.zeros(len(rows), q.shape[1], kv_len + 1, dtype=torch.bool, device=q.device)
-                    m.scatter_(-1, idx.masked_fill(~valid, kv_len), True)  # invalid slots land in a spare column
+                    idx, valid = select_tokens(q[rows], keys[rows, :, p:], kv_len - p, t, self.settings)
+                    m = torch.zeros(len(rows), Hq, kv_len + 1, dtype=torch.bool, device=q.device)
+                    m.scatter_(-1, (idx + p).masked_fill(~valid, kv_len), True)  # invalid slots: a spare column
                     allowed[rows] = m[..., :kv_len]
+                elif p:
+                    allowed[rows] = (slot >= p).expand(len(rows), Hq, -1)
             return self._attend_dense(q.unsqueeze(2), keys, vals, allowed.unsqueeze(2))[:, :, 0]
         out = q.new_empty(q.shape)
-        for t, rows in groups.items():
-            qr, kr, vr = q[rows], keys[rows], vals[rows]
+        for (t, p), rows in groups.items():
+            qr, kr, vr = q[rows], keys[rows, :, p:kv_len], vals[rows, :, p:kv_len]
             if t >= 1.0:
                 out[rows] = self._attend_dense(qr.unsqueeze(2), kr, vr, None)[:, :, 0]
                 continue
-            idx, valid = select_tokens(qr, kr, kv_len, t, self.settings)
+            idx, valid = select_tokens(qr, kr, kv_len - p, t, self.settings)
             b = torch.arange(len(rows), device=q.device).view(-1, 1, 1)
-            h = (torch.arange(q.shape[1], device=q.device) // (q.shape[1] // kr.shape[1])).view(1, -1, 1)
+            h = (torch.arange(Hq, device=q.device) // (Hq // kr.shape[1])).view(1, -1, 1)
             k_sel, v_sel = kr[b, h, idx], vr[b, h, idx]                      # [R,Hq,N,hd]: only the kept keys
             s = (k_sel @ qr.unsqueeze(-1)).squeeze(-1) * self.scaling       # [R,Hq,N]
             s = s.masked_fill(~valid, torch.finfo(s.dtype).min)
-            p = s.softmax(-1, dtype=torch.float32).to(q.dtype)
-            out[rows] = (p.unsqueeze(-2) @ v_sel).squeeze(-2)
+            p_ = s.softmax(-1, dtype=torch.float32).to(q.dtype)
+            out[rows] = (p_.unsqueeze(-2) @ v_sel).squeeze(-2)
         return out
 
 class MLPStep(nn.Module):

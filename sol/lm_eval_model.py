@@ -37,7 +37,7 @@ class SolLM(LM):
     def __init__(self, model: str = "smollm2-135m", controller: str = "dense", budget: float = 1.0,
                  episode: int = 16, dtype: str = "float32", max_length: int = 2048, criterion: str = "quest",
                  page_size: int = 8, sinks: int = 4, window: int = 8, faithful: bool = False, pretrained=None,
-                 tokenizer=None, device: str = "cpu", **kwargs):
+                 tokenizer=None, device: str = "cpu", batch_groups: int = 16, **kwargs):
         super().__init__()
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             print(f"sol: device '{device}' (lm-eval's default) is not available; using the CPU", file=sys.stderr)
@@ -51,6 +51,7 @@ class SolLM(LM):
         settings = ActionSettings(criterion, int(page_size), int(sinks), int(window), _bool(faithful))
         self.runtime = Runtime(Engine(transformed(self.model, self.built, None), settings), self.built.grid)
         self.budget, self.episode, self.max_length = float(budget), int(episode), int(max_length)
+        self.batch_groups = max(1, int(batch_groups))  # request groups (questions) scored as one ragged batch
         self.stats = defaultdict(float)
 
     # --- tokenisation as lm-eval's HFLM does it ---------------------------------------------------------------
@@ -69,42 +70,81 @@ class SolLM(LM):
 
     # --- scoring ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _score_group(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
-        if len(ctx) < 2:
-            ctx = [self._prefix()] + ctx
-        keep = self.max_length - max(len(c) for c in conts)
-        ctx = ctx[-keep:]
-        T = max(len(c) for c in conts)
-        pad = self.tok.pad_token_id or 0
-        blocks = torch.tensor([ctx + c + [pad] * (T - len(c)) for c in conts])
-        ro = self.runtime.rollout(blocks, self.built.controller, self.budget, len(ctx) - 1, episode=self.episode,
-                                  keep_distributions=True)
-        out = []
-        greedy = ro.extras["log_distributions"].argmax(-1)
-        for i, c in enumerate(conts):
-            n = len(c)
-            lp = ro.logprobs[i, :n]
-            target = blocks[i, len(ctx):len(ctx) + n]
-            out.append((float(lp.sum()), bool((greedy[i, :n] == target).all())))
-            eff = ro.effective[:n]
-            self.stats["steps"] += int(eff.sum())
-            self.stats["flop_keep_sum"] += float(ro.flop_keep[i, :n][eff].sum())
-            self.stats["total_keep_sum"] += float((ro.flop_keep[i, :n] + ro.controller_macs / ro.dense_macs[:n])[eff].sum())
-            for axis, v in self.runtime.axis_usage(ro.actions[i, :n][eff]).items():
-                self.stats[f"{axis}_sum"] += float(v.sum())
+    def _score_groups(self, items: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
+        """Score request groups ``(context, [continuations])`` as one ragged batch (one row per continuation).
+
+        Contexts are left-padded to the longest (pad slots are never attended to, RoPE starts at each row's first
+        token) and each distinct context is prefilled once.
+        Every row's episodes end with its own continuation (``steps``), so a row sees exactly what it sees scored
+        alone, whatever it is batched with (the reference scored each choice on its own)."""
+        prepared = []
+        for ctx, conts in items:
+            if len(ctx) < 2:
+                ctx = [self._prefix()] + ctx
+            prepared.append((ctx[-(self.max_length - max(len(c) for c in conts)):], conts))
+        L = max(len(ctx) for ctx, _ in prepared)
+        T = max(len(c) for _, conts in prepared for c in conts)
+        fill = self.tok.pad_token_id or 0
+        # one row per continuation, longest first: finished rows form a suffix the runtime stops computing
+        order = sorted(((g, j) for g, (_, conts) in enumerate(prepared) for j in range(len(conts))),
+                       key=lambda gj: -len(prepared[gj[0]][1][gj[1]]))
+        rows, pads, steps = [], [], []
+        for g, j in order:
+            ctx, c = prepared[g][0], prepared[g][1][j]
+            rows.append([fill] * (L - len(ctx)) + ctx + c + [fill] * (T - len(c)))
+            pads.append(L - len(ctx))
+            steps.append(len(c))
+        blocks = torch.tensor(rows)
+        ro = self.runtime.rollout(blocks, self.built.controller, self.budget, L - 1, episode=self.episode,
+                                  pad=torch.tensor(pads) if len(prepared) > 1 else None, steps=torch.tensor(steps))
+        out = [[None] * len(conts) for _, conts in prepared]
+        for i, ((g, j), n) in enumerate(zip(order, steps)):
+            target = blocks[i, L:L + n]
+            out[g][j] = (float(ro.logprobs[i, :n].sum()), bool((ro.extras["greedy"][i, :n] == target).all()))
+            self._count(ro, i, n)
         return out
+
+    def _count(self, ro, i: int, n: int) -> None:
+        """Add row i's first n steps to the usage statistics (FLOP keep, per-axis keeps)."""
+        eff = ro.effective[:n]
+        self.stats["steps"] += int(eff.sum())
+        self.stats["flop_keep_sum"] += float(ro.flop_keep[i, :n][eff].sum())
+        self.stats["total_keep_sum"] += float((ro.flop_keep[i, :n] + ro.controller_macs / ro.dense_macs[i, :n])[eff].sum())
+        for axis, v in self.runtime.axis_usage(ro.actions[i, :n][eff]).items():
+            self.stats[f"{axis}_sum"] += float(v.sum())
+
+    def _score_group(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
+        return self._score_groups([(ctx, conts)])[0]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         groups: dict[str, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
             groups[r.args[0]].append(i)
-        results = [None] * len(requests)
-        for context, idx in tqdm(groups.items(), desc=f"sol {self.built.controller.name}", disable=disable_tqdm):
+        encoded = []
+        for context, idx in groups.items():
             pairs = [self._encode_pair(context, requests[i].args[1]) for i in idx]
-            scores = self._score_group(pairs[0][0], [p[1] for p in pairs])
-            for i, s in zip(idx, scores):
-                results[i] = s
+            encoded.append((idx, pairs[0][0], [p[1] for p in pairs]))
+        results = [None] * len(requests)
+        bar = tqdm(total=len(encoded), desc=f"sol {self.built.controller.name}", disable=disable_tqdm)
+        for batch in self._batches(encoded):
+            for (idx, _, _), scores in zip(batch, self._score_groups([(ctx, conts) for _, ctx, conts in batch])):
+                for i, s in zip(idx, scores):
+                    results[i] = s
+            bar.update(len(batch))
+        bar.close()
         return results
+
+    def _batches(self, encoded):
+        """``batch_groups`` request groups at a time, sorted by longest continuation (little step padding). Contexts
+        too short for every step to be effective are scored alone (a ragged step is effective for all or none)."""
+        s = self.runtime.engine.settings
+        short = [g for g in encoded if len(g[1]) < s.sinks + s.window + 2]
+        rest = sorted((g for g in encoded if len(g[1]) >= s.sinks + s.window + 2),
+                      key=lambda g: (max(len(c) for c in g[2]), len(g[1])))
+        for g in short:
+            yield [g]
+        for j in range(0, len(rest), self.batch_groups):
+            yield rest[j:j + self.batch_groups]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         out = []

@@ -31,14 +31,15 @@ class GreedyOracle(Controller):
         B = state.batch
         cand = torch.tensor(self.candidates)
         loss = torch.stack([state.probe(torch.full((B,), int(a)), self.horizon) for a in cand], 1)  # [B, C]
-        keep = state.keep_table[cand]                                                                # [C]
-        R = max(state.remaining, 1)
-        req = ((state.budget * (state.n_effective + R) - state.spent) / R).clamp(float(keep.min()), float(keep.max()))
+        keep = state.keep_table[:, cand]                                                             # [B, C]
+        R = state.remaining.float()
+        req = (state.budget * (state.n_effective + R) - state.spent) / R
+        req = torch.minimum(torch.maximum(req, keep.min(1).values), keep.max(1).values)
         # smallest λ ≥ 0 whose argmin(loss + λ·keep) fits the required keep (bisection over λ)
         lo, hi = torch.zeros(B), torch.full((B,), 1e4)
         for _ in range(40):
             lam = (lo + hi) / 2
-            fits = keep[(loss + lam[:, None] * keep).argmin(1)] <= req + 1e-9
+            fits = keep.gather(1, (loss + lam[:, None] * keep).argmin(1, keepdim=True))[:, 0] <= req + 1e-9
             hi = torch.where(fits, lam, hi)
             lo = torch.where(fits, lo, lam)
         return cand[(loss + hi[:, None] * keep).argmin(1)]

@@ -181,7 +181,7 @@ class PolicyController(Controller):
     def act(self, state):
         c = self.c
         dev = self.sums / self.n - c if self.n else torch.zeros_like(c)
-        t_frac = torch.full((state.batch, 1), (state.t + 1) / state.episode_len)
+        t_frac = ((state.t + 1) / state.episode_len.float()).view(-1, 1)
         s = torch.cat([t_frac, torch.ones(state.batch, 1), c, dev], -1)
         with torch.no_grad():
             logits = self.policy.step(self.state, state.hidden, state.embedding, s, state.prev_action, c) + self.bias
@@ -194,7 +194,7 @@ class PolicyController(Controller):
         if self.record:
             self.trace.append(dict(h=state.hidden, e=state.embedding, s=s, prev=state.prev_action.clone(), a=a,
                                    logp=logits.log_softmax(-1).gather(-1, a[:, None]).squeeze(-1)))
-        used = state.keep_table[a].view(-1, 1) if self.budget_mode == "flop" else self.axis_values[a]
+        used = state.keep_table.gather(1, a[:, None]) if self.budget_mode == "flop" else self.axis_values[a]
         self.sums += used
         self.n += 1
         return a
@@ -204,13 +204,13 @@ class PolicyController(Controller):
 
 
 def tilt_to_budget(logits: torch.Tensor, keep: torch.Tensor, budget: torch.Tensor, spent: torch.Tensor, n: int,
-                   remaining: int, iters: int = 40) -> torch.Tensor:
-    """Budget tracking on top of a policy (``policy-tracked``): per row, the required keep for the rest of the episode
+                   remaining: torch.Tensor, iters: int = 40) -> torch.Tensor:
+    """Budget tracking on top of a policy (``policy-tracked``): per row (``keep`` [B, A]), the required keep for the rest of the episode
     c_req = (c·(n + R) − spent)/R and the tilt λ with E_{softmax(z − λ·keep)}[keep] = c_req (bisection); returns the
     tilted logits z − λ·keep. The policy still ranks actions (where compute goes); the tilt only enforces how much,
     like the budget-tracking chooser the EMC/DAC baselines use (reference §8.4)."""
-    R = max(remaining, 1)
-    req = ((budget * (n + R) - spent) / R).clamp(float(keep.min()), float(keep.max()))
+    R = torch.as_tensor(remaining).clamp(min=1).float()
+    req = torch.minimum(torch.maximum((budget * (n + R) - spent) / R, keep.min(-1).values), keep.max(-1).values)
     lo = torch.full_like(req, -200.0)
     hi = torch.full_like(req, 200.0)
     z = logits.float()

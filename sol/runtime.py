@@ -21,7 +21,7 @@ import torch
 from sol.actions import ActionGrid
 from sol.controllers import Controller, StepState
 from sol.cost import CostModel
-from sol.engine import Engine
+from sol.engine import Engine, KVCache
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Rollout:
     actions: torch.Tensor        # [B, T] effective action ids (dense where the step was not effective)
     effective: torch.Tensor      # [T] bool
     flop_keep: torch.Tensor      # [B, T] realised FLOP keep of each step (LM only)
-    dense_macs: torch.Tensor     # [T] dense step MACs at each step's kv_len
+    dense_macs: torch.Tensor     # [B, T] dense step MACs at each step's (row's) key length
     controller_macs: int         # per step, spent by the controller itself
     hidden: torch.Tensor | None = None   # [B, T, D] hidden states the controller saw (if recorded)
     extras: dict = field(default_factory=dict)
@@ -62,6 +62,7 @@ class Runtime:
         t = grid.tensors()
         self._tk, self._pk, self._bits = t["token_keep"], t["prune_keep"], t["bits"]
         self._keep_tables: dict[int, torch.Tensor] = {}
+        self._dense: dict[int, float] = {}
 
     def axis_usage(self, actions: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-axis keep ratios (κ, ρ, b/16) of grid action ids, same shape as ``actions``."""
@@ -73,21 +74,67 @@ class Runtime:
             self._keep_tables[kv_len] = self.cost.keep_table(self.grid, kv_len).float()
         return self._keep_tables[kv_len]
 
+    def _dense_macs(self, kv_len: int) -> float:
+        if kv_len not in self._dense:
+            self._dense[kv_len] = float(self.cost.dense_macs(kv_len))
+        return self._dense[kv_len]
+
+    def _row_tables(self, lengths: list[int]) -> torch.Tensor:
+        """[B, A] keep table of every row at its own key length."""
+        if len(set(lengths)) == 1:
+            return self.keep_table(lengths[0]).expand(len(lengths), -1)
+        return torch.stack([self.keep_table(n) for n in lengths])
+
+    def _prefill_ragged(self, blocks: torch.Tensor, pad: torch.Tensor, context: int, capacity: int):
+        """Left-padded prefill: every distinct context once (batch 1, no pad compute), its KV copied into the rows
+        that share it. Returns (cache with ``pad``, last logits [B, V], last hidden [B, D])."""
+        e = self.engine
+        B = blocks.shape[0]
+        cache = e.new_cache(B, capacity)
+        cache.pad, cache.length = pad.to(e.device), context
+        logits = hidden = None
+        groups: dict[tuple, list[int]] = {}
+        for r in range(B):
+            groups.setdefault((int(pad[r]), tuple(blocks[r, int(pad[r]):context].tolist())), []).append(r)
+        for (p, _), rows in groups.items():
+            r, others = rows[0], torch.tensor(rows[1:], dtype=torch.long, device=e.device)
+            one = KVCache([t[r:r + 1] for t in cache.k], [t[r:r + 1] for t in cache.v], p,
+                          torch.tensor([p], device=e.device))  # a view: the prefill writes into row r itself
+            for t in one.k + one.v:
+                t[:, :, :p] = 0  # pad slots: never attended to, but must be finite (0 · NaN = NaN)
+            lg, hid = e.extend(blocks[r:r + 1, p:context], one, last_only=True)
+            if logits is None:
+                logits, hidden = lg.new_empty(B, lg.shape[-1]), hid.new_empty(B, hid.shape[-1])
+            logits[rows], hidden[rows] = lg[0, -1], hid[0, -1]
+            if len(rows) > 1:
+                for t in cache.k + cache.v:
+                    t[others, :, :context] = t[r, :, :context]
+        return cache, logits, hidden
+
     @torch.no_grad()
     def rollout(self, blocks: torch.Tensor, controller: Controller, budget: torch.Tensor | float,
                 context: int, episode: int | None = None, record_hidden: bool = False,
-                free_running: bool = False, rollouts: int = 1, keep_distributions: bool = False) -> Rollout:
+                free_running: bool = False, rollouts: int = 1, keep_distributions: bool = False,
+                pad: torch.Tensor | None = None, steps: torch.Tensor | None = None) -> Rollout:
         """Teacher-forced decode of ``blocks [B, context + T + 1]``; see the module docstring.
 
         With ``free_running`` each step's greedy token is written into ``blocks`` as the next input (in place).
         With ``rollouts = K`` every block is prefilled once and decoded as K rows (row r is block r // K): the K
         counterfactual schedules of GRPO. ``keep_distributions`` stores every step's full log-softmax.
+        ``pad [B]`` runs a ragged batch: row b's context is left-padded with ``pad[b]`` filler tokens that no query
+        attends to (RoPE positions start at its first real token), so each row computes what it computes alone; FLOP
+        keep is charged at each row's own key length. A step is effective when it is for the shortest row.
+        ``steps [B]``: row b is scored on its first ``steps[b]`` steps only (the rest is padding), so its episodes end
+        there: a controller sees the episode length row b would see if its block ended at ``steps[b]``. Records past
+        a row's end are undefined (log-prob 0). With ``steps`` non-increasing the LM skips finished rows entirely.
         """
         e = self.engine
         host = blocks  # controllers and records live on the CPU; the LM runs on e.device
         blocks = blocks.to(e.device)
         prefill = blocks[:, :context]
-        if rollouts == 1 and blocks.shape[0] > 1 and bool((prefill == prefill[:1]).all()):
+        if pad is not None and rollouts > 1:
+            raise ValueError("pad and rollouts > 1 cannot be combined")
+        if pad is None and rollouts == 1 and blocks.shape[0] > 1 and bool((prefill == prefill[:1]).all()):
             prefill, rollouts = prefill[:1], blocks.shape[0]  # rows share their context: prefill it once
         elif rollouts > 1:
             blocks = blocks.repeat_interleave(rollouts, 0)
@@ -97,19 +144,25 @@ class Runtime:
             raise ValueError("blocks must hold at least context + 2 tokens")
         budget = torch.as_tensor(budget, dtype=torch.float32).expand(B).clone()
         episode = episode or T
-        cache = e.new_cache(prefill.shape[0], n + 1)
-        logits, hidden = e.extend(prefill, cache)
-        h, prev_logits = hidden[:, -1], logits[:, -1]
+        row_steps = torch.full((B,), T) if steps is None else steps.cpu().long().clamp(1, T)
+        shrink = steps is not None and bool((row_steps[:-1] >= row_steps[1:]).all())  # finished rows are a suffix
+        if pad is not None:
+            cache, prev_logits, h = self._prefill_ragged(blocks, pad, context, n + 1)
+        else:
+            cache = e.new_cache(prefill.shape[0], n + 1)
+            logits, hidden = e.extend(prefill, cache, last_only=True)
+            h, prev_logits = hidden[:, -1], logits[:, -1]
         if rollouts > 1:
             cache = cache.repeat_rows(rollouts)
             h, prev_logits = h.repeat_interleave(rollouts, 0), prev_logits.repeat_interleave(rollouts, 0)
         dists = torch.empty(B, T, prev_logits.shape[-1]) if keep_distributions else None
         step_ms = torch.zeros(T, dtype=torch.float64)
         logp = torch.empty(B, T)
+        greedy = torch.empty(B, T, dtype=torch.long)
         acts = torch.empty(B, T, dtype=torch.long)
         keep = torch.empty(B, T)
         eff_all = torch.empty(T, dtype=torch.bool)
-        dense = torch.empty(T, dtype=torch.float64)
+        dense = torch.empty(B, T, dtype=torch.float64)
         seen = torch.empty(B, T, h.shape[-1]) if record_hidden else None
         ep_start, spent, n_eff, prev = 0, torch.zeros(B), 0, torch.full((B,), -1, dtype=torch.long)
         controller.start_episode(B, budget)
@@ -117,9 +170,11 @@ class Runtime:
             pos = context + t
             kv_len = pos + 1
             tok = blocks[:, pos]
-            effective = e.settings.effective(kv_len)
-            table = self.keep_table(kv_len)
-            state = StepState(t=t - ep_start, episode_len=min(episode, T - ep_start), kv_len=kv_len,
+            live = int((row_steps > t).sum()) if shrink else B  # rows 0..live-1 are still scored
+            lengths = cache.real_lengths(kv_len)
+            effective = e.settings.effective(min(lengths))
+            table = self._row_tables(lengths)
+            state = StepState(t=t - ep_start, episode_len=(row_steps - ep_start).clamp(1, episode), kv_len=kv_len,
                               effective=effective, hidden=h.float().cpu(), token=tok.cpu(),
                               embedding=e.embed(tok).float().cpu(), prev_logits=prev_logits.cpu(), budget=budget,
                               spent=spent.clone(), n_effective=n_eff, prev_action=prev.clone(), keep_table=table,
@@ -129,7 +184,12 @@ class Runtime:
                 a = controller.act(state) if effective else None
                 if a is None:
                     a = torch.full((B,), self.grid.dense_index, dtype=torch.long)
-                return (a, *e.step(tok, cache, self._tk[a], self._pk[a], self._bits[a]))
+                if live == B:
+                    return (a, *e.step(tok, cache, self._tk[a], self._pk[a], self._bits[a]))
+                sub, al = cache.head(live), a[:live]
+                lg, hd = e.step(tok[:live], sub, self._tk[al], self._pk[al], self._bits[al])
+                cache.length = sub.length
+                return a, torch.cat([lg, prev_logits[live:]]), torch.cat([hd, h[live:]])
 
             if self.timer is None:
                 a, logits, h = decide_and_step()
@@ -140,27 +200,35 @@ class Runtime:
             lp = logits.float().log_softmax(-1)
             if dists is not None:
                 dists[:, t] = lp.cpu()
+            greedy[:, t] = lp.argmax(-1).cpu()
             if free_running:
                 blocks[:, pos + 1] = lp.argmax(-1)
             logp[:, t] = lp.gather(1, blocks[:, pos + 1:pos + 2]).squeeze(1).cpu()
-            acts[:, t], eff_all[t], dense[t] = a, effective, self.cost.dense_macs(kv_len)
-            keep[:, t] = table[a]
+            logp[live:, t] = 0.0
+            acts[:, t], eff_all[t] = a, effective
+            dense[:, t] = torch.tensor([self._dense_macs(n_) for n_ in lengths], dtype=torch.float64)
+            keep[:, t] = table.gather(1, a[:, None])[:, 0]
             if seen is not None:
                 seen[:, t] = state.hidden
             if effective:
-                spent += table[a]
+                spent += keep[:, t]
                 n_eff += 1
             prev, prev_logits = a, logits
             if (t + 1 - ep_start) == episode and t + 1 < T:  # dense refresh of the finished episode
                 cache.length = context + ep_start
-                logits_r, hid_r = e.extend(blocks[:, context + ep_start:pos + 1], cache)
-                h, prev_logits = hid_r[:, -1], logits_r[:, -1]
+                live = int((row_steps > t + 1).sum()) if shrink else B
+                sub = cache if live == B else cache.head(live)
+                logits_r, hid_r = e.extend(blocks[:live, context + ep_start:pos + 1], sub, last_only=True)
+                cache.length = sub.length
+                h, prev_logits = torch.cat([hid_r[:, -1], h[live:]]), torch.cat([logits_r[:, -1], prev_logits[live:]])
                 ep_start, spent, n_eff = t + 1, torch.zeros(B), 0
                 prev = torch.full((B,), -1, dtype=torch.long)
                 controller.start_episode(B, budget)
         if free_running:
             host.copy_(blocks.cpu())
-        extras = {"log_distributions": dists} if dists is not None else {}
+        extras = {"greedy": greedy}
+        if dists is not None:
+            extras["log_distributions"] = dists
         if self.timer is not None:
             extras["step_ms"] = step_ms
         return Rollout(logp, acts, eff_all, keep, dense, controller.step_macs(), seen, extras)

@@ -66,3 +66,26 @@ def test_lm_eval_cli_passthrough(tasks, tmp_path):
                                                             "HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sol_mmlu_anatomy_continuation" in r.stdout and list((tmp_path / "out").rglob("results_*.json"))
+
+
+@pytest.mark.parametrize("controller", ["dense", "uniform:0.1,0.6,5", "matched:grid=J-3L,token_keep=0.4,bits=8"])
+def test_batched_scoring_equals_one_question_at_a_time(tiny_llama, controller):
+    """Ragged cross-question batches give each question exactly what it gets scored alone (and the same usage)."""
+    from types import SimpleNamespace
+
+    from sol.lm_eval_model import SolLM
+    from sol.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    qs = [q for q in mmlu.load_test() if q["subject"] == "virology"][:12]
+    reqs = [SimpleNamespace(args=(f"Question: {q['question'].strip()}\nAnswer:", " " + c)) for q in qs
+            for c in q["choices"]]
+    scores, usage = [], []
+    for groups in (1, 16):
+        lm = SolLM(model="tiny-llama", controller=controller, budget=0.7, pretrained=tiny_llama, tokenizer=tok,
+                   batch_groups=groups)
+        scores.append(np.array([s[0] for s in lm.loglikelihood(reqs, disable_tqdm=True)]))
+        usage.append(lm.usage())
+    assert np.abs(scores[0] - scores[1]).max() < 1e-4
+    assert usage[0]["steps"] == usage[1]["steps"]
+    assert usage[0]["flop_keep"] == pytest.approx(usage[1]["flop_keep"], abs=1e-9)

@@ -1,4 +1,5 @@
 """The step runtime: dense equals HF, refresh, forced-dense steps, controllers, budgets, generation."""
+import pytest
 import torch
 
 from sol.actions import Action, ActionSettings, grid_from
@@ -65,3 +66,37 @@ def test_generate_matches_hf_greedy(tiny):
     ref = tiny.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)[:, 12:]
     assert torch.equal(out, ref)
     assert ro.logprobs.shape == (2, 10)
+
+
+class _TokenActions(FixedAction):
+    """A per-row action that depends only on the row's own current token (batch-independent, varies per step)."""
+
+    def act(self, state):
+        return state.token % len(self.grid)
+
+
+@pytest.mark.parametrize("mode", ["simulate", "compute"])
+@pytest.mark.parametrize("controller", ["token", "matched"])
+def test_ragged_batch_equals_rows_alone(tiny, mode, controller):
+    """Left-padded rows of different context lengths and scored lengths give what each row gives alone: log-probs,
+    actions, FLOP keep at the row's own key length; with dense refresh, QUEST page selection and (matched) a
+    controller that plans each episode from its remaining steps."""
+    from baselines.schedules import Matched
+
+    torch.manual_seed(3)
+    g = grid_from("J-3L")
+    rt = Runtime(Engine(tiny, ActionSettings(page_size=4, sinks=2, window=3), mode), g)
+    ctrl = _TokenActions(g, Action()) if controller == "token" else Matched(g, dict(token_keep=0.5, bits=7))
+    T, lengths, steps = 9, [40, 23, 31, 40], [9, 5, 7, 6]
+    rows = [torch.randint(1, 300, (n + T + 1,)) for n in lengths]
+    L = max(lengths)
+    blocks = torch.stack([torch.cat([torch.zeros(L - n, dtype=torch.long), r]) for n, r in zip(lengths, rows)])
+    pad = torch.tensor([L - n for n in lengths])
+    batch = rt.rollout(blocks, ctrl, 0.7, L, episode=4, pad=pad, steps=torch.tensor(steps))
+    for i, (n, r, k) in enumerate(zip(lengths, rows, steps)):
+        alone = rt.rollout(r[None, :n + k + 1], ctrl, 0.7, n, episode=4)
+        assert torch.allclose(batch.logprobs[i, :k], alone.logprobs[0], atol=1e-5)
+        assert torch.equal(batch.actions[i, :k], alone.actions[0])
+        assert torch.allclose(batch.flop_keep[i, :k], alone.flop_keep[0])
+        assert torch.allclose(batch.dense_macs[i, :k], alone.dense_macs[0])
+    assert len(set(batch.actions.flatten().tolist())) > (5 if controller == "token" else 1)
