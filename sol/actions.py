@@ -148,6 +148,8 @@ GRIDS = {
     "J-FL": dict(token_keep=[round(0.1 * i, 1) for i in range(1, 11)],
                  prune_keep=[round(0.4 + 0.05 * i, 2) for i in range(13)], bits=list(range(5, 17))),
     "AV_V": dict(token_keep=[0.1, 0.4, 0.7, 1.0], prune_keep=[0.45, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], bits=list(range(5, 17))),
+    # our default (sol train's): close levels, where mixing levels can pay on small models (headroom-study.md)
+    "default": dict(token_keep=[0.25, 0.5, 1.0], prune_keep=[0.5, 0.625, 0.75, 0.875, 1.0], bits=[5, 6, 7, 8, 16]),
 }
 
 

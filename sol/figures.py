@@ -77,7 +77,9 @@ def pareto(df: pd.DataFrame, path, x: str = "flop_keep", y: str = "ppl", ylabel:
                         alpha=0.6, lw=0.8)
         ax.plot(front[x], front[y], marker=m, c=c, label=fam, ls="-" if fam.startswith("policy") else "--", ms=5)
     if oracle is not None and len(oracle):
-        ax.plot(oracle[x], oracle[y], c="0.5", ls=":", label="oracle bound")
+        o = oracle.sort_values(x)
+        ax.plot(o[x], o[y], c="0.45", ls=(0, (6, 3)), lw=1.4, marker=MARKERS["oracle"], ms=4,
+                label="oracle bound (non-causal)")
     if dense_line is not None:
         ax.axhline(dense_line, c="k", ls="-.", lw=0.8, label="dense")
     if lower_is_better:  # perplexity: log scale, and outliers (e.g. aggressive head pruning) clipped from view

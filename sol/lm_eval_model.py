@@ -29,7 +29,7 @@ from sol.engine import Engine
 from sol.evaluate import transformed
 from sol.models import load
 from sol.registry import Built, build
-from sol.runtime import Runtime
+from sol.runtime import Runtime, common_prefix
 
 
 @register_model("sol")
@@ -135,16 +135,27 @@ class SolLM(LM):
         return results
 
     def _batches(self, encoded):
-        """``batch_groups`` request groups at a time, sorted by longest continuation (little step padding). Contexts
-        too short for every step to be effective are scored alone (a ragged step is effective for all or none)."""
+        """``batch_groups`` request groups at a time. Contexts sharing a long prefix (≥ 64 tokens: few-shot exemplars
+        of one task) are batched together so the prefill computes it once; within such a cluster and among the rest,
+        groups are ordered by longest continuation (little step padding). Contexts too short for every step to be
+        effective are scored alone (a ragged step is effective for all rows or none)."""
         s = self.runtime.engine.settings
         short = [g for g in encoded if len(g[1]) < s.sinks + s.window + 2]
-        rest = sorted((g for g in encoded if len(g[1]) >= s.sinks + s.window + 2),
-                      key=lambda g: (max(len(c) for c in g[2]), len(g[1])))
+        rest = sorted((g for g in encoded if len(g[1]) >= s.sinks + s.window + 2), key=lambda g: g[1])
+        clusters: list[list] = []
+        for g in rest:
+            if clusters and common_prefix(clusters[-1][-1][1], g[1]) >= 64:
+                clusters[-1].append(g)
+            else:
+                clusters.append([g])
+        loose = [c[0] for c in clusters if len(c) == 1]
         for g in short:
             yield [g]
-        for j in range(0, len(rest), self.batch_groups):
-            yield rest[j:j + self.batch_groups]
+        by_len = lambda g: (max(len(c) for c in g[2]), len(g[1]))  # noqa: E731
+        for cluster in [c for c in clusters if len(c) > 1] + [loose]:
+            cluster = sorted(cluster, key=by_len)
+            for j in range(0, len(cluster), self.batch_groups):
+                yield cluster[j:j + self.batch_groups]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         out = []

@@ -16,7 +16,7 @@ spec                                               controller
 ``weights:bits=4,group=128``                       static group-wise RTN weight quantisation (dense actions)
 ``heads:keep=0.75``                                fixed head pruning: keep the most important 75 % of query heads
                                                    per layer (importance from the validation split)
-``oracle-greedy:grid=J-3L,horizon=2``              non-causal bound: per step the action minimising lookahead loss
+``oracle-greedy:grid=default,horizon=2``           non-causal bound: per step the action minimising lookahead loss
                                                    + λ·keep under budget tracking (``--budget``)
 ``oracle-ranked:axis=prune_keep,low=0.5,high=1``   non-causal bound: high level at the most damaged positions
 =================================================  ==================================================================
@@ -108,7 +108,7 @@ def build(spec: str, model_name: str | None = None) -> Built:
 
         opts = _kv(rest)
         if kind == "oracle-greedy":
-            g = grid_from(opts.pop("grid", "J-3L"))
+            g = grid_from(opts.pop("grid", "default"))
             c = GreedyOracle(g, horizon=int(opts.pop("horizon", 2)))
         else:
             axis = opts.pop("axis", "prune_keep")

@@ -85,9 +85,13 @@ class Runtime:
             return self.keep_table(lengths[0]).expand(len(lengths), -1)
         return torch.stack([self.keep_table(n) for n in lengths])
 
-    def _prefill_ragged(self, blocks: torch.Tensor, pad: torch.Tensor, context: int, capacity: int):
-        """Left-padded prefill: every distinct context once (batch 1, no pad compute), its KV copied into the rows
-        that share it. Returns (cache with ``pad``, last logits [B, V], last hidden [B, D])."""
+    def _prefill_ragged(self, blocks: torch.Tensor, pad: torch.Tensor, context: int, capacity: int,
+                        min_shared: int = 8):
+        """Left-padded prefill. Every distinct context is prefilled once (batch 1, no pad compute) into one of its
+        rows and copied into the others; contexts are visited in token order, and the prefix a context shares with the
+        previous one (≥ ``min_shared`` tokens: a task header, few-shot exemplars) is copied instead of recomputed —
+        RoPE positions count from each row's first token, so a prefix's keys do not depend on the padding.
+        Returns (cache with ``pad``, last logits [B, V], last hidden [B, D])."""
         e = self.engine
         B = blocks.shape[0]
         cache = e.new_cache(B, capacity)
@@ -95,20 +99,30 @@ class Runtime:
         logits = hidden = None
         groups: dict[tuple, list[int]] = {}
         for r in range(B):
-            groups.setdefault((int(pad[r]), tuple(blocks[r, int(pad[r]):context].tolist())), []).append(r)
-        for (p, _), rows in groups.items():
-            r, others = rows[0], torch.tensor(rows[1:], dtype=torch.long, device=e.device)
-            one = KVCache([t[r:r + 1] for t in cache.k], [t[r:r + 1] for t in cache.v], p,
+            groups.setdefault((tuple(blocks[r, int(pad[r]):context].tolist()), int(pad[r])), []).append(r)
+        prev = None  # (tokens, row) of the previous context in token order
+        for ctx, p in sorted(groups):
+            rows = groups[(ctx, p)]
+            r = rows[0]
+            shared = common_prefix(ctx, prev[0]) if prev else 0
+            shared = min(shared, len(ctx) - 1) if shared >= min_shared else 0  # ≥ 1 token left to compute
+            one = KVCache([t[r:r + 1] for t in cache.k], [t[r:r + 1] for t in cache.v], p + shared,
                           torch.tensor([p], device=e.device))  # a view: the prefill writes into row r itself
             for t in one.k + one.v:
                 t[:, :, :p] = 0  # pad slots: never attended to, but must be finite (0 · NaN = NaN)
-            lg, hid = e.extend(blocks[r:r + 1, p:context], one, last_only=True)
+            if shared:
+                q, pq = prev[1], int(pad[prev[1]])
+                for full in cache.k + cache.v:
+                    full[r, :, p:p + shared] = full[q, :, pq:pq + shared]
+            lg, hid = e.extend(blocks[r:r + 1, p + shared:context], one, last_only=True)
             if logits is None:
                 logits, hidden = lg.new_empty(B, lg.shape[-1]), hid.new_empty(B, hid.shape[-1])
             logits[rows], hidden[rows] = lg[0, -1], hid[0, -1]
             if len(rows) > 1:
+                others = torch.tensor(rows[1:], dtype=torch.long, device=e.device)
                 for t in cache.k + cache.v:
                     t[others, :, :context] = t[r, :, :context]
+            prev = (ctx, r)
         return cache, logits, hidden
 
     @torch.no_grad()
@@ -234,20 +248,23 @@ class Runtime:
         return Rollout(logp, acts, eff_all, keep, dense, controller.step_macs(), seen, extras)
 
     def _prober(self, blocks: torch.Tensor, cache, pos: int):
-        """A function scoring candidate actions for the step at ``pos`` by teacher-forced lookahead (oracles)."""
+        """A function scoring candidate actions for the step at ``pos`` by teacher-forced lookahead (oracles).
+
+        A probe writes the cache slots pos.. and then rewinds ``cache.length`` to pos: slots at or beyond the length
+        are scratch that the real step overwrites before anything reads them, so no copy of the cache is needed."""
         e = self.engine
 
         def probe(actions: torch.Tensor, horizon: int = 1) -> torch.Tensor:
-            c = cache.clone()
             nll = torch.zeros(blocks.shape[0])
             one = torch.ones(blocks.shape[0])
             for k in range(min(horizon, blocks.shape[1] - pos - 1)):
                 if k == 0:
-                    logits, _ = e.step(blocks[:, pos], c, self._tk[actions], self._pk[actions], self._bits[actions])
+                    logits, _ = e.step(blocks[:, pos], cache, self._tk[actions], self._pk[actions], self._bits[actions])
                 else:
-                    logits, _ = e.step(blocks[:, pos + k], c, one, one, torch.full_like(one, 16))
+                    logits, _ = e.step(blocks[:, pos + k], cache, one, one, torch.full_like(one, 16))
                 lp = logits.float().log_softmax(-1).gather(1, blocks[:, pos + k + 1:pos + k + 2]).squeeze(1)
                 nll -= lp.cpu()
+            cache.length = pos
             return nll
 
         return probe
@@ -263,3 +280,11 @@ class Runtime:
         blocks = torch.cat([prompt, prompt.new_zeros(B, n_new)], 1)
         ro = self.rollout(blocks, controller, budget, P - 1, episode, free_running=True)
         return blocks[:, P:], ro
+
+
+def common_prefix(a: tuple, b: tuple) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

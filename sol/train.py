@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sol.actions import ActionGrid, ActionSettings, grid_from
+from sol.actions import GRIDS, ActionGrid, ActionSettings, grid_from
 from sol.config import config_hash, from_dict, load_yaml
 from sol.controllers import Dense
 from sol.cost import CostModel
@@ -42,7 +42,7 @@ from sol.io import atomic_path, write_text
 from sol.policy import Policy, PolicyConfig, PolicyController, n_params, size_for
 from sol.runtime import Runtime
 
-DEFAULT_GRID = {"token_keep": [0.25, 0.5, 1.0], "prune_keep": [0.5, 0.625, 0.75, 0.875, 1.0], "bits": [5, 6, 7, 8, 16]}
+DEFAULT_GRID = GRIDS["default"]
 CHECKPOINT_FORMAT = 1
 
 

@@ -70,7 +70,8 @@ def test_lm_eval_cli_passthrough(tasks, tmp_path):
 
 @pytest.mark.parametrize("controller", ["dense", "uniform:0.1,0.6,5", "matched:grid=J-3L,token_keep=0.4,bits=8"])
 def test_batched_scoring_equals_one_question_at_a_time(tiny_llama, controller):
-    """Ragged cross-question batches give each question exactly what it gets scored alone (and the same usage)."""
+    """Ragged cross-question batches give each question exactly what it gets scored alone (and the same usage);
+    half the contexts share a few-shot prefix (computed once), half are 0-shot."""
     from types import SimpleNamespace
 
     from sol.lm_eval_model import SolLM
@@ -78,8 +79,9 @@ def test_batched_scoring_equals_one_question_at_a_time(tiny_llama, controller):
 
     tok = byte_tokenizer()
     qs = [q for q in mmlu.load_test() if q["subject"] == "virology"][:12]
-    reqs = [SimpleNamespace(args=(f"Question: {q['question'].strip()}\nAnswer:", " " + c)) for q in qs
-            for c in q["choices"]]
+    shots = "".join(f"Question: {q['question'].strip()}\nAnswer: {q['choices'][q['answer']]}\n\n" for q in qs[-2:])
+    reqs = [SimpleNamespace(args=((shots if i % 2 else "") + f"Question: {q['question'].strip()}\nAnswer:", " " + c))
+            for i, q in enumerate(qs[:-2]) for c in q["choices"]]
     scores, usage = [], []
     for groups in (1, 16):
         lm = SolLM(model="tiny-llama", controller=controller, budget=0.7, pretrained=tiny_llama, tokenizer=tok,

@@ -100,3 +100,28 @@ def test_ragged_batch_equals_rows_alone(tiny, mode, controller):
         assert torch.allclose(batch.flop_keep[i, :k], alone.flop_keep[0])
         assert torch.allclose(batch.dense_macs[i, :k], alone.dense_macs[0])
     assert len(set(batch.actions.flatten().tolist())) > (5 if controller == "token" else 1)
+
+
+def test_ragged_prefill_reuses_shared_prefixes(tiny_llama):
+    """Contexts sharing a long prefix (a task header, few-shot exemplars) compute it once; every row still gets what
+    it gets alone, and fewer tokens go through the LM."""
+    torch.manual_seed(5)
+    g = grid_from("J-2L")
+    e = Engine(tiny_llama)
+    rt = Runtime(e, g)
+    shared = torch.randint(1, 300, (30,))
+    rows = [torch.cat([shared, torch.randint(1, 300, (n,))]) for n in (12, 5, 20)] + [torch.randint(1, 300, (25,))]
+    T = 6
+    rows = [torch.cat([r, torch.randint(1, 300, (T + 1,))]) for r in rows]
+    lengths = [len(r) - T - 1 for r in rows]
+    L = max(lengths)
+    blocks = torch.stack([torch.cat([torch.zeros(L - n, dtype=torch.long), r]) for n, r in zip(lengths, rows)])
+    seen = []
+    extend = e.extend
+    e.extend = lambda ids, cache, **kw: (seen.append(ids.shape[1]), extend(ids, cache, **kw))[1]
+    batch = rt.rollout(blocks, Dense(g), 1.0, L, pad=torch.tensor([L - n for n in lengths]))
+    e.extend = extend
+    assert sum(seen) == sum(lengths) - 2 * 30  # the 30-token prefix was computed once for three contexts
+    for i, (n, r) in enumerate(zip(lengths, rows)):
+        alone = rt.rollout(r[None], Dense(g), 1.0, n)
+        assert torch.allclose(batch.logprobs[i], alone.logprobs[0], atol=1e-5)

@@ -37,6 +37,19 @@ CMD = {
                      f"--blocks {ST['kv_blocks']} --tail {ST['kv_tail']} --device {DEVICE} --out {OUT}"),
     "timeline": (f"sol timeline --model {MODEL} --data {config['data']} --context {EV['context']} --steps {EV['steps']} "
                  f"--episode {EV['episode']} --budget {ST['timeline_budget']} --device {DEVICE} --out {OUT}"),
+    # all blocks in one batch: the oracle's |grid|·H probe steps per decode step dominate, wider steps amortise them
+    "eval_oracle": (f"sol eval ppl {TEXT} --batch {EV['blocks']} --budget {words(EV['budgets'])} "
+                    f"--controller '{EV.get('oracle', '')}'"),
+    "headroom": (f"sol study headroom --model {MODEL} --data {config['data']} --device {DEVICE} "
+                 f"--out {OUT}/headroom"),
     "report": f"sol report --results {OUT} --config {CONFIG_FILE} --model {MODEL} --primary {EV['primary']}",
     "claims": f"sol claims --check {OUT} --config {CONFIG_FILE} --sanity",
 }
+
+
+# Headroom study rows (studies.headroom): output tag -> CLI options (the tag is how `sol study headroom` names files).
+HR = ST.get("headroom", {})
+HEADROOM = {f"{r['axis']}_{r['low']}_{r['high']}": (
+    f"--axis {r['axis']} --low {r['low']} --high {r['high']} --mid {r['mid']} --hi-share {r['hi_share']} "
+    f"--blocks {HR['blocks']} --context {HR['context']} --steps {HR['steps']} --batch {HR['batch']}")
+    for r in HR.get("rows", [])}

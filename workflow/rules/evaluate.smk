@@ -33,6 +33,36 @@ rule eval_uniform:
         "{params.env} {params.cmd} --out {output.csv} > {log} 2>&1"
 
 
+rule eval_oracle:
+    """The greedy lookahead oracle (eval.oracle) at the policy's budgets on the same blocks: a non-causal bound."""
+    output:
+        csv=f"{OUT}/ppl_oracle.csv",
+        blocks=f"{OUT}/ppl_oracle.blocks.csv",
+    log:
+        f"{OUT}/logs/eval_oracle.log",
+    threads: workflow.cores
+    params:
+        env=lambda wc, threads: env(threads),
+        cmd=CMD["eval_oracle"],
+    shell:
+        "{params.env} {params.cmd} --out {output.csv} > {log} 2>&1"
+
+
+rule headroom:
+    """One row of the headroom study (U/R/E/O two-level schedules on one axis), studies.headroom.rows."""
+    output:
+        f"{OUT}/headroom/headroom_{{tag}}.csv",
+    log:
+        f"{OUT}/logs/headroom_{{tag}}.log",
+    threads: workflow.cores
+    params:
+        env=lambda wc, threads: env(threads),
+        cmd=CMD["headroom"],
+        opts=lambda wc: HEADROOM[wc.tag],
+    shell:
+        "{params.env} {params.cmd} {params.opts} > {log} 2>&1"
+
+
 rule eval_mmlu:
     """MMLU (offline, lm-eval) for the policy, the matched mix at its realised averages, uniform levels and dense."""
     input:

@@ -12,6 +12,8 @@ rule report:
         rules.profile.output,
         rules.kv_pollution.output,
         rules.timeline.output,
+        [rules.eval_oracle.output.csv] if EV.get("oracle") else [],
+        expand(rules.headroom.output, tag=list(HEADROOM)),
     output:
         claims=f"{OUT}/claims.json",
         claims_md=f"{OUT}/claims.md",
