@@ -6,7 +6,10 @@ Reference (policy_harness.py): every (context, choice) pair is scored on its own
 Both through the same runtime and controller, so accuracies must be identical; prints questions/s and the ratios
 (also for ours without cross-question batching, ``--batch-groups 1``).
 
-    python benchmarks/mmlu_throughput.py --model smollm2-135m --questions 200 [--controller dense] [--shots 0]
+    python benchmarks/mmlu_throughput.py --model smollm2-135m --questions 60 [--subjects 57] [--shots 0|5]
+
+Questions are drawn from ``--subjects`` random subjects (as an lm-eval run scores whole subjects; with few-shot
+contexts the exemplar prefix of a subject is computed once per batch).
 """
 from __future__ import annotations
 
@@ -35,10 +38,14 @@ def main():
     ap.add_argument("--questions", type=int, default=40)
     ap.add_argument("--shots", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--subjects", type=int, default=57, help="draw the questions from this many random subjects")
     ap.add_argument("--batch-groups", type=int, default=16)
     args = ap.parse_args()
     torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
-    qs = random.Random(args.seed).sample(load_test(), args.questions)
+    rng = random.Random(args.seed)
+    test = load_test()
+    subjects = set(rng.sample(sorted({q["subject"] for q in test}), args.subjects))
+    qs = rng.sample([q for q in test if q["subject"] in subjects], args.questions)
     dev = load_dev()
     lm = SolLM(model=args.model, controller=args.controller, budget=args.budget)
     items = [(prompt(q, dev.get(q["subject"], []), args.shots), [" " + c for c in q["choices"]], q["answer"]) for q in qs]
@@ -59,7 +66,7 @@ def main():
     acc = lambda res: sum(max(range(4), key=lambda i: r[i][0]) == a for r, (_, _, a) in zip(res, items)) / len(items)  # noqa: E731
     maxdiff = max(abs(o[i][0] - r[i][0]) for res in (batched, single) for o, r in zip(res, ref) for i in range(4))
     n = len(items)
-    print(f"model={args.model} controller={args.controller} questions={n} shots={args.shots} "
+    print(f"model={args.model} controller={args.controller} questions={n} subjects={args.subjects} shots={args.shots} "
           f"threads={torch.get_num_threads()}")
     print(f"ours, {args.batch_groups} questions/batch: {n / t_batched:.2f} q/s  acc={acc(batched):.4f}")
     print(f"ours, 1 question/batch:  {n / t_single:.2f} q/s  acc={acc(single):.4f}")

@@ -148,3 +148,38 @@ def random_violin(df: pd.DataFrame, path) -> None:
     ax.legend(fontsize=7)
     save(fig, path)
 
+
+
+AXES = (("token_keep", "token keep κ"), ("prune_keep", "prune keep ρ"), ("bit_ratio", "bits b / 16"))
+
+
+def single_axis_levels(df: pd.DataFrame) -> pd.DataFrame:
+    """True-uniform rows (and dense) as (axis, level, …): the rows where exactly one axis is compressed."""
+    rows = []
+    for _, r in df[df.method.str.startswith("uniform:") | (df.method == "dense")].iterrows():
+        low = [a for a, _ in AXES if r[a] < 1 - 1e-9]
+        for a, _ in AXES:
+            if low in ([a], []):
+                rows.append({**r.to_dict(), "axis": a, "level": r[a]})
+    return pd.DataFrame(rows)
+
+
+def damage_curves(ppl: pd.DataFrame, mmlu: pd.DataFrame | None, path) -> None:
+    """Quality of true-uniform levels across each axis's range: the convexity that decides whether mixing levels
+    can pay (a mix of two levels lies on the chord; it beats the middle level only where the curve is concave)."""
+    panels = [("ppl", "perplexity", ppl)] + ([("acc", "MMLU accuracy", mmlu)] if mmlu is not None else [])
+    fig, axes = plt.subplots(len(panels), 3, figsize=(9, 2.6 * len(panels)), squeeze=False, layout="constrained")
+    for row, (y, label, df) in enumerate(panels):
+        d = single_axis_levels(df)
+        for col, (axis, xlabel) in enumerate(AXES):
+            ax = axes[row, col]
+            s = d[d.axis == axis].sort_values("level") if len(d) else d
+            if len(s):
+                ax.plot(s.level, s[y], marker="o", c="k")  # (block CIs of absolute ppl are wide: see the tables)
+                if len(s) >= 2:  # the chord between the extreme levels: what a two-level mix of them would give
+                    ax.plot(s.level.iloc[[0, -1]], s[y].iloc[[0, -1]], ls=":", c="0.5", lw=0.8)
+            ax.set_xlabel(xlabel)
+            if col == 0:
+                ax.set_ylabel(label)
+    fig.suptitle("damage curves: true uniform compression, one axis at a time", fontsize=9)
+    save(fig, path)

@@ -286,6 +286,7 @@ def build_report(res: Path, config_path: Path, model: str, primary: str = "polic
         figures.action_timeline(tl, res / "action_timeline.pdf")
     if uni is not None:
         _table(uni[["method", "ppl", "ppl_lo", "ppl_hi", "flop_keep", "net_keep"]], res / "table_baselines")
+        figures.damage_curves(uni, mmlu, res / "damage_curves.pdf")
     cmp = uniform_comparison(res, primary)
     if cmp is not None:
         _table(cmp, res / "table_matched_compute")

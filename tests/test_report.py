@@ -41,8 +41,10 @@ def test_report_and_check(tmp_path):
     res = _results(tmp_path / "r")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("name: x\n")
+    _uniform_and_oracle(res, 0.1)
     build_report(res, cfg, "tiny-llama")
     assert (res / "pareto_ppl.pdf").is_file() and (res / "pareto_ppl.png").is_file()
+    assert (res / "damage_curves.pdf").is_file() and (res / "table_headroom.md").is_file()
     assert (res / "claims.md").is_file() and (res / "random_violin.pdf").is_file()
     assert check(res, cfg) == [] and sanity(res) == []
     doc = json.loads((res / "claims.json").read_text())
@@ -62,8 +64,9 @@ def _uniform_and_oracle(res, oracle_gain: float):
         rows, blocks = [], []
         for method, budget, keep in methods:
             nll = 3.0 - keep - (oracle_gain if name == "ppl_oracle" else 0.0) + rng.normal(0, 0.01, 20)
-            rows.append(dict(method=method, budget=budget, ppl=float(np.exp(nll.mean())), ppl_lo=0.0, ppl_hi=0.0,
-                             flop_keep=keep, net_keep=keep))
+            m = nll.mean()
+            rows.append(dict(method=method, budget=budget, ppl=float(np.exp(m)), ppl_lo=float(np.exp(m - 0.01)),
+                             ppl_hi=float(np.exp(m + 0.01)), flop_keep=keep, net_keep=keep, token_keep=1.0, prune_keep=keep, bit_ratio=1.0))
             blocks += [dict(method=method, budget=budget, block=i, nll=float(v), flop_keep=keep) for i, v in enumerate(nll)]
         pd.DataFrame(rows).to_csv(res / f"{name}.csv", index=False)
         pd.DataFrame(blocks).to_csv(res / f"{name}.blocks.csv", index=False)

@@ -1,5 +1,5 @@
 FIGURES = ["pareto_ppl", "pareto_mmlu", "pareto_netkeep", "budget_adherence", "random_violin", "kv_pollution",
-           "token_difficulty", "action_timeline", "step_cost"]
+           "token_difficulty", "action_timeline", "step_cost", "damage_curves"]
 
 
 rule report:
