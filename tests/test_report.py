@@ -66,7 +66,8 @@ def _uniform_and_oracle(res, oracle_gain: float):
             nll = 3.0 - keep - (oracle_gain if name == "ppl_oracle" else 0.0) + rng.normal(0, 0.01, 20)
             m = nll.mean()
             rows.append(dict(method=method, budget=budget, ppl=float(np.exp(m)), ppl_lo=float(np.exp(m - 0.01)),
-                             ppl_hi=float(np.exp(m + 0.01)), flop_keep=keep, net_keep=keep, token_keep=1.0, prune_keep=keep, bit_ratio=1.0))
+                             ppl_hi=float(np.exp(m + 0.01)), flop_keep=keep, net_keep=keep, token_keep=1.0,
+                             prune_keep=keep, bit_ratio=1.0))
             blocks += [dict(method=method, budget=budget, block=i, nll=float(v), flop_keep=keep) for i, v in enumerate(nll)]
         pd.DataFrame(rows).to_csv(res / f"{name}.csv", index=False)
         pd.DataFrame(blocks).to_csv(res / f"{name}.blocks.csv", index=False)
