@@ -29,8 +29,8 @@ class StepState:
     n_effective: int           # effective steps so far in this episode
     prev_action: torch.Tensor  # [B] previous (effective) action id, -1 at the episode start
     keep_table: torch.Tensor   # [B, A] FLOP keep of every grid action at each row's key length
-    probe: object = None       # oracles only: probe(actions [B], horizon) → NLL [B] of this step + horizon−1 dense
-                               # teacher-forced steps from a copy of the cache (non-causal: it reads future tokens)
+    probe: object = None       # oracles only: probe(actions [B], horizon) → (NLL [B], log-softmax per step) of this
+                               # step + horizon−1 dense teacher-forced steps (non-causal: it reads future tokens)
 
     @property
     def batch(self) -> int:

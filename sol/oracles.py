@@ -2,10 +2,11 @@
 tokens they are about to be scored on. They run through the same runtime and cost model as every other controller.
 
 * :class:`GreedyOracle` (``oracle-greedy``) — at each step, for every candidate action, score this step plus H−1
-  dense teacher-forced lookahead steps from a copy of the KV cache (the reference's dead "SFT teacher", §6.5, made
-  usable), then pick argmin(loss + λ·keep) with λ set so that the pick fits the keep still required to finish the
-  episode on budget (the budget-tracking rule of the other controllers). Cost: (|candidates|·H + 1) LM steps per
-  decode step — e.g. 20 candidates × H=2 ≈ 41× a plain rollout.
+  dense teacher-forced lookahead steps in the live KV cache, rewound afterwards (the reference's dead "SFT teacher",
+  §6.5, made usable), then pick argmin(damage + λ·keep) with λ set so that the pick spends the keep still required
+  to finish the episode on budget (the budget-tracking rule of the other controllers). Damage: KL to the dense model
+  (default) or the true tokens' NLL. Cost: ((|candidates| + 1)·H + 1) LM steps per decode step — e.g. the 75-action
+  default grid with H=1 ≈ 77× a plain rollout.
 * :class:`RankedOracle` (``oracle-ranked``) — two levels and a budget: one rollout at the low level and one at the high
   level give each position's damage (NLL_low − NLL_high); the high level goes to the most damaged positions, as many
   as the budget allows (the headroom study's "O"). Cost: 3 rollouts.
@@ -19,25 +20,38 @@ from sol.controllers import Controller, FixedAction, StepState
 
 
 class GreedyOracle(Controller):
+    """``score="kl"`` (default): damage = KL(dense ‖ approx) over the lookahead — how much an action distorts the LM,
+    the allocation bound. ``score="nll"``: damage = the true next tokens' NLL; picking among many perturbed models the
+    one that happens to predict the label best exploits label noise (it beats *dense*), so it bounds nothing useful
+    for allocation; kept for comparison with the reference's teacher."""
+
     name = "oracle-greedy"
     needs_probe = True
 
-    def __init__(self, grid: ActionGrid, horizon: int = 2, candidates: list[int] | None = None):
+    def __init__(self, grid: ActionGrid, horizon: int = 2, candidates: list[int] | None = None, score: str = "kl"):
         super().__init__(grid)
-        self.horizon = horizon
+        if score not in ("kl", "nll"):
+            raise ValueError(f"oracle score '{score}': use kl or nll")
+        self.horizon, self.score = horizon, score
         self.candidates = candidates or list(range(len(grid)))
 
     def act(self, state: StepState) -> torch.Tensor:
         B = state.batch
         cand = torch.tensor(self.candidates)
-        loss = torch.stack([state.probe(torch.full((B,), int(a)), self.horizon) for a in cand], 1)  # [B, C]
+        if self.score == "kl":
+            _, ref = state.probe(torch.full((B,), self.grid.dense_index), self.horizon)
+            loss = torch.stack([sum((r.exp() * (r - q)).sum(-1) for r, q in zip(ref, state.probe(
+                torch.full((B,), int(a)), self.horizon)[1])) for a in cand], 1)                       # [B, C]
+        else:
+            loss = torch.stack([state.probe(torch.full((B,), int(a)), self.horizon)[0] for a in cand], 1)
         keep = state.keep_table[:, cand]                                                             # [B, C]
         R = state.remaining.float()
         req = (state.budget * (state.n_effective + R) - state.spent) / R
         req = torch.minimum(torch.maximum(req, keep.min(1).values), keep.max(1).values)
-        # smallest λ ≥ 0 whose argmin(loss + λ·keep) fits the required keep (bisection over λ)
-        lo, hi = torch.zeros(B), torch.full((B,), 1e4)
-        for _ in range(40):
+        # the smallest λ (negative: spend more) whose argmin(loss + λ·keep) fits the required keep, so each step
+        # spends as much of the remaining budget as it may (bisection; keep(λ) is non-increasing in λ)
+        lo, hi = torch.full((B,), -1e4), torch.full((B,), 1e4)
+        for _ in range(50):
             lam = (lo + hi) / 2
             fits = keep.gather(1, (loss + lam[:, None] * keep).argmin(1, keepdim=True))[:, 0] <= req + 1e-9
             hi = torch.where(fits, lam, hi)

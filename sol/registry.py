@@ -16,8 +16,8 @@ spec                                               controller
 ``weights:bits=4,group=128``                       static group-wise RTN weight quantisation (dense actions)
 ``heads:keep=0.75``                                fixed head pruning: keep the most important 75 % of query heads
                                                    per layer (importance from the validation split)
-``oracle-greedy:grid=default,horizon=2``           non-causal bound: per step the action minimising lookahead loss
-                                                   + λ·keep under budget tracking (``--budget``)
+``oracle-greedy:grid=default,horizon=2,score=kl``  non-causal bound: per step the action minimising lookahead damage
+                                                   (KL to dense, or ``score=nll``) + λ·keep under budget tracking
 ``oracle-ranked:axis=prune_keep,low=0.5,high=1``   non-causal bound: high level at the most damaged positions
 =================================================  ==================================================================
 
@@ -109,7 +109,10 @@ def build(spec: str, model_name: str | None = None) -> Built:
         opts = _kv(rest)
         if kind == "oracle-greedy":
             g = grid_from(opts.pop("grid", "default"))
-            c = GreedyOracle(g, horizon=int(opts.pop("horizon", 2)))
+            score = opts.pop("score", "kl")
+            if score not in ("kl", "nll"):
+                raise SolError(f"unknown oracle-greedy score '{score}': use kl or nll")
+            c = GreedyOracle(g, horizon=int(opts.pop("horizon", 2)), score=score)
         else:
             axis = opts.pop("axis", "prune_keep")
             low, high = float(opts.pop("low")), float(opts.pop("high", 1.0 if axis != "bits" else 16))

@@ -254,18 +254,21 @@ class Runtime:
         are scratch that the real step overwrites before anything reads them, so no copy of the cache is needed."""
         e = self.engine
 
-        def probe(actions: torch.Tensor, horizon: int = 1) -> torch.Tensor:
+        def probe(actions: torch.Tensor, horizon: int = 1) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            """(NLL [B] of the true tokens over the lookahead, each lookahead step's log-softmax [B, V])."""
             nll = torch.zeros(blocks.shape[0])
             one = torch.ones(blocks.shape[0])
+            dists = []
             for k in range(min(horizon, blocks.shape[1] - pos - 1)):
                 if k == 0:
                     logits, _ = e.step(blocks[:, pos], cache, self._tk[actions], self._pk[actions], self._bits[actions])
                 else:
                     logits, _ = e.step(blocks[:, pos + k], cache, one, one, torch.full_like(one, 16))
-                lp = logits.float().log_softmax(-1).gather(1, blocks[:, pos + k + 1:pos + k + 2]).squeeze(1)
-                nll -= lp.cpu()
+                lp = logits.float().log_softmax(-1)
+                dists.append(lp.cpu())
+                nll -= lp.gather(1, blocks[:, pos + k + 1:pos + k + 2]).squeeze(1).cpu()
             cache.length = pos
-            return nll
+            return nll, dists
 
         return probe
 

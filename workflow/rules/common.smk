@@ -38,7 +38,7 @@ CMD = {
     "timeline": (f"sol timeline --model {MODEL} --data {config['data']} --context {EV['context']} --steps {EV['steps']} "
                  f"--episode {EV['episode']} --budget {ST['timeline_budget']} --device {DEVICE} --out {OUT}"),
     # all blocks in one batch: the oracle's |grid|·H probe steps per decode step dominate, wider steps amortise them
-    "eval_oracle": (f"sol eval ppl {TEXT} --batch {EV['blocks']} --budget {words(EV['budgets'])} "
+    "eval_oracle": (f"sol eval ppl {TEXT} --batch {EV['blocks']} --budget {words(EV.get('oracle_budgets', EV['budgets']))} "
                     f"--controller '{EV.get('oracle', '')}'"),
     "headroom": (f"sol study headroom --model {MODEL} --data {config['data']} --device {DEVICE} "
                  f"--out {OUT}/headroom"),
