@@ -193,6 +193,8 @@ def headroom_table(res: Path, primary: str = "policy") -> pd.DataFrame | None:
     ofront = orc.sort_values("flop_keep").reset_index(drop=True)
     rows = []
     for _, p in ppl[ppl.method == primary].sort_values("budget").iterrows():
+        if not _dense_enough(ufront, p.flop_keep):
+            continue
         u, o = front_nll(allb, ufront, p.flop_keep), front_nll(allb, ofront, p.flop_keep)
         if u is None or o is None:
             continue
@@ -217,6 +219,17 @@ def _headroom_claim(table: pd.DataFrame | None) -> dict:
                   "reproduced" if ok else "not reproduced", {"per_budget": table.to_dict("records")})
 
 
+def _dense_enough(front: pd.DataFrame, keep: float, max_ratio: float = 2.0) -> bool:
+    """Interpolating a front linearly between two points is the chord a mix of those two levels would give; across
+    a cliff (e.g. 4-bit next to 5-bit) that chord is far above what an intermediate uniform level would reach, so no
+    comparison is made where the bracketing points' perplexities differ by more than ``max_ratio``."""
+    br = bracket(front, keep)
+    if br is None:
+        return False
+    a, b = front.loc[br[0], "ppl"], front.loc[br[1], "ppl"]
+    return max(a, b) / min(a, b) <= max_ratio
+
+
 def uniform_comparison(res: Path, primary: str = "policy") -> pd.DataFrame | None:
     """Policy vs the true-uniform front at matched FLOP keep, per budget (paired CI over blocks)."""
     ppl, blocks = _read(res / "ppl.csv"), _read(res / "ppl.blocks.csv")
@@ -227,12 +240,13 @@ def uniform_comparison(res: Path, primary: str = "policy") -> pd.DataFrame | Non
     allb = pd.concat([blocks, ublocks], ignore_index=True).drop_duplicates(["method", "budget", "block"])
     rows = []
     for _, p in ppl[ppl.method.isin(["policy", "policy-tracked"])].iterrows():
-        r = versus_front(allb, (p.method, p.budget), front, p.flop_keep)
+        r = versus_front(allb, (p.method, p.budget), front, p.flop_keep) if _dense_enough(front, p.flop_keep) else None
         m = _paired_vs(blocks, p.method, "matched", p.budget) if p.method == primary else None
         rows.append({"method": p.method, "budget": p.budget, "flop_keep": p.flop_keep, "ppl": p.ppl,
                      "uniform_front_ppl": r["front_ppl"] if r else np.nan,
                      "vs_uniform_ppl_ratio": r["ppl_ratio"] if r else np.nan,
-                     "vs_uniform_ci": f"[{np.exp(r['lo']):.3f}, {np.exp(r['hi']):.3f}]" if r else "outside front",
+                     "vs_uniform_ci": f"[{np.exp(r['lo']):.3f}, {np.exp(r['hi']):.3f}]" if r else
+                     "no comparison (outside the front, or its neighbours differ > 2x)",
                      "vs_matched_ppl_ratio": np.exp(m[0]) if m else np.nan,
                      "vs_matched_ci": f"[{np.exp(m[1]):.3f}, {np.exp(m[2]):.3f}]" if m else "n/a"})
     return pd.DataFrame(rows)

@@ -88,3 +88,14 @@ def test_headroom_captured_claim(tmp_path):
     _uniform_and_oracle(res, 0.0)
     claim = {c["id"]: c for c in compute_claims(res)}["headroom_captured"]
     assert claim["verdict"] == "not testable at this scale"
+
+
+def test_no_comparison_across_a_cliff_of_the_front():
+    from sol.report import _dense_enough
+
+    front = pd.DataFrame({"method": ["u4", "u5", "dense"], "budget": [np.nan] * 3, "flop_keep": [0.58, 0.62, 1.0],
+                          "ppl": [1700.0, 33.0, 14.0]})
+    assert not _dense_enough(front, 0.60)   # the chord between 4-bit and 5-bit says nothing about true uniform
+    assert not _dense_enough(front, 0.80)   # 33 → 14 differ by 2.4x > 2
+    assert _dense_enough(front.assign(ppl=[1700.0, 20.0, 14.0]), 0.80)
+    assert not _dense_enough(front, 0.50)   # outside the front
