@@ -190,7 +190,8 @@ def headroom_table(res: Path, primary: str = "policy") -> pd.DataFrame | None:
         return None
     allb = pd.concat([blocks, ublocks, oblocks], ignore_index=True).drop_duplicates(["method", "budget", "block"])
     ufront = pareto_front(uni[uni.method.str.startswith(("uniform", "dense"))])
-    ofront = orc.sort_values("flop_keep").reset_index(drop=True)
+    # an oracle at budget 1 is the dense model: dense closes the oracle's front on the right
+    ofront = pd.concat([orc, uni[uni.method == "dense"]]).sort_values("flop_keep").reset_index(drop=True)
     rows = []
     for _, p in ppl[ppl.method == primary].sort_values("budget").iterrows():
         if not _dense_enough(ufront, p.flop_keep):
