@@ -70,10 +70,10 @@ class KVCache:
         pad = None if self.pad is None else self.pad.clone()
         return KVCache([t.clone() for t in self.k], [t.clone() for t in self.v], self.length, pad)
 
-    def head(self, n: int) -> "KVCache":
-        """A view of the first n rows (writes go to this cache; capacity must already suffice)."""
-        return KVCache([t[:n] for t in self.k], [t[:n] for t in self.v], self.length,
-                       None if self.pad is None else self.pad[:n])
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows start..stop-1 (writes go to this cache; capacity must already suffice)."""
+        return KVCache([t[start:stop] for t in self.k], [t[start:stop] for t in self.v], self.length,
+                       None if self.pad is None else self.pad[start:stop])
 
     def real_lengths(self, length: int | None = None) -> list[int]:
         """Tokens (not slots) per row at ``length`` slots (default: the current length)."""
@@ -217,10 +217,8 @@ class Engine(nn.Module):
 
         A row with ``pad`` leading pad slots is computed on its own keys ``[pad:kv_len]`` (exactly as if unpadded)."""
         B, Hq = q.shape[:2]
-        if all(t >= 1.0 for t, _ in groups):
-            pads = {p for _, p in groups}
-            if pads == {0}:
-                return self._attend_dense(q.unsqueeze(2), keys, vals, None)[:, :, 0]
+        if all(t >= 1.0 and p == 0 for t, p in groups):
+            return self._attend_dense(q.unsqueeze(2), keys, vals, None)[:, :, 0]
         if self.mode == "simulate":
             slot = torch.arange(kv_len, device=q.device)
             allowed = torch.ones(B, Hq, kv_len, dtype=torch.bool, device=q.device)

@@ -16,6 +16,7 @@ controller reproduces ``--model hf``.
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections import defaultdict
 
@@ -29,7 +30,7 @@ from sol.engine import Engine
 from sol.evaluate import transformed
 from sol.models import load
 from sol.registry import Built, build
-from sol.runtime import Runtime, common_prefix
+from sol.runtime import Runtime
 
 
 @register_model("sol")
@@ -144,7 +145,7 @@ class SolLM(LM):
         rest = sorted((g for g in encoded if len(g[1]) >= s.sinks + s.window + 2), key=lambda g: g[1])
         clusters: list[list] = []
         for g in rest:
-            if clusters and common_prefix(clusters[-1][-1][1], g[1]) >= 64:
+            if clusters and len(os.path.commonprefix([clusters[-1][-1][1], g[1]])) >= 64:
                 clusters[-1].append(g)
             else:
                 clusters.append([g])

@@ -189,7 +189,7 @@ def headroom_table(res: Path, primary: str = "policy") -> pd.DataFrame | None:
     if any(x is None for x in (ppl, blocks, uni, ublocks, orc, oblocks)):
         return None
     allb = pd.concat([blocks, ublocks, oblocks], ignore_index=True).drop_duplicates(["method", "budget", "block"])
-    ufront = pareto_front(uni[uni.method.str.startswith(("uniform", "dense"))])
+    ufront = _true_uniform_front(uni)
     # an oracle at budget 1 is the dense model: dense closes the oracle's front on the right
     ofront = pd.concat([orc, uni[uni.method == "dense"]]).sort_values("flop_keep").reset_index(drop=True)
     rows = []
@@ -220,6 +220,11 @@ def _headroom_claim(table: pd.DataFrame | None) -> dict:
                   "reproduced" if ok else "not reproduced", {"per_budget": table.to_dict("records")})
 
 
+def _true_uniform_front(uni: pd.DataFrame) -> pd.DataFrame:
+    """The perplexity front of the true-uniform levels (and dense), not of static weights or head pruning."""
+    return pareto_front(uni[uni.method.str.startswith(("uniform", "dense"))])
+
+
 def _dense_enough(front: pd.DataFrame, keep: float, max_ratio: float = 2.0) -> bool:
     """Interpolating a front linearly between two points is the chord a mix of those two levels would give; across
     a cliff (e.g. 4-bit next to 5-bit) that chord is far above what an intermediate uniform level would reach, so no
@@ -237,7 +242,7 @@ def uniform_comparison(res: Path, primary: str = "policy") -> pd.DataFrame | Non
     uni, ublocks = _read(res / "ppl_uniform.csv"), _read(res / "ppl_uniform.blocks.csv")
     if any(x is None for x in (ppl, blocks, uni, ublocks)):
         return None
-    front = pareto_front(uni[uni.method.str.startswith(("uniform", "dense"))])
+    front = _true_uniform_front(uni)
     allb = pd.concat([blocks, ublocks], ignore_index=True).drop_duplicates(["method", "budget", "block"])
     rows = []
     for _, p in ppl[ppl.method.isin(["policy", "policy-tracked"])].iterrows():

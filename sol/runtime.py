@@ -14,6 +14,7 @@ controller does not decide is identical for every controller.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from sol.actions import ActionGrid
 from sol.controllers import Controller, StepState
 from sol.cost import CostModel
-from sol.engine import Engine, KVCache
+from sol.engine import Engine
 
 
 @dataclass
@@ -104,10 +105,10 @@ class Runtime:
         for ctx, p in sorted(groups):
             rows = groups[(ctx, p)]
             r = rows[0]
-            shared = common_prefix(ctx, prev[0]) if prev else 0
+            shared = len(os.path.commonprefix([ctx, prev[0]])) if prev else 0
             shared = min(shared, len(ctx) - 1) if shared >= min_shared else 0  # ≥ 1 token left to compute
-            one = KVCache([t[r:r + 1] for t in cache.k], [t[r:r + 1] for t in cache.v], p + shared,
-                          torch.tensor([p], device=e.device))  # a view: the prefill writes into row r itself
+            one = cache.rows(r, r + 1)  # a view: the prefill writes into row r itself
+            one.length = p + shared
             for t in one.k + one.v:
                 t[:, :, :p] = 0  # pad slots: never attended to, but must be finite (0 · NaN = NaN)
             if shared:
@@ -200,7 +201,7 @@ class Runtime:
                     a = torch.full((B,), self.grid.dense_index, dtype=torch.long)
                 if live == B:
                     return (a, *e.step(tok, cache, self._tk[a], self._pk[a], self._bits[a]))
-                sub, al = cache.head(live), a[:live]
+                sub, al = cache.rows(0, live), a[:live]
                 lg, hd = e.step(tok[:live], sub, self._tk[al], self._pk[al], self._bits[al])
                 cache.length = sub.length
                 return a, torch.cat([lg, prev_logits[live:]]), torch.cat([hd, h[live:]])
@@ -214,9 +215,10 @@ class Runtime:
             lp = logits.float().log_softmax(-1)
             if dists is not None:
                 dists[:, t] = lp.cpu()
-            greedy[:, t] = lp.argmax(-1).cpu()
+            top = lp.argmax(-1)
+            greedy[:, t] = top.cpu()
             if free_running:
-                blocks[:, pos + 1] = lp.argmax(-1)
+                blocks[:, pos + 1] = top
             logp[:, t] = lp.gather(1, blocks[:, pos + 1:pos + 2]).squeeze(1).cpu()
             logp[live:, t] = 0.0
             acts[:, t], eff_all[t] = a, effective
@@ -231,7 +233,7 @@ class Runtime:
             if (t + 1 - ep_start) == episode and t + 1 < T:  # dense refresh of the finished episode
                 cache.length = context + ep_start
                 live = int((row_steps > t + 1).sum()) if shrink else B
-                sub = cache if live == B else cache.head(live)
+                sub = cache if live == B else cache.rows(0, live)
                 logits_r, hid_r = e.extend(blocks[:live, context + ep_start:pos + 1], sub, last_only=True)
                 cache.length = sub.length
                 h, prev_logits = torch.cat([hid_r[:, -1], h[live:]]), torch.cat([logits_r[:, -1], prev_logits[live:]])
@@ -283,11 +285,3 @@ class Runtime:
         blocks = torch.cat([prompt, prompt.new_zeros(B, n_new)], 1)
         ro = self.rollout(blocks, controller, budget, P - 1, episode, free_running=True)
         return blocks[:, P:], ro
-
-
-def common_prefix(a: tuple, b: tuple) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
