@@ -184,16 +184,17 @@ class PolicyController(Controller):
         t_frac = ((state.t + 1) / state.episode_len.float()).view(-1, 1)
         s = torch.cat([t_frac, torch.ones(state.batch, 1), c, dev], -1)
         with torch.no_grad():
-            logits = self.policy.step(self.state, state.hidden, state.embedding, s, state.prev_action, c) + self.bias
+            raw = self.policy.step(self.state, state.hidden, state.embedding, s, state.prev_action, c) + self.bias
+        logits = raw
         if self.track_budget and self.budget_mode == "flop":
-            logits = tilt_to_budget(logits, state.keep_table, self.c[:, 0], self.sums[:, 0], self.n, state.remaining)
+            logits = tilt_to_budget(raw, state.keep_table, self.c[:, 0], self.sums[:, 0], self.n, state.remaining)
         if self.greedy:
             a = logits.argmax(-1)
         else:
             a = torch.multinomial(logits.softmax(-1), 1, generator=self.gen).squeeze(-1)
         if self.record:
             self.trace.append(dict(h=state.hidden, e=state.embedding, s=s, prev=state.prev_action.clone(), a=a,
-                                   logp=logits.log_softmax(-1).gather(-1, a[:, None]).squeeze(-1)))
+                                   tilt=logits - raw, logp=logits.log_softmax(-1).gather(-1, a[:, None]).squeeze(-1)))
         used = state.keep_table.gather(1, a[:, None]) if self.budget_mode == "flop" else self.axis_values[a]
         self.sums += used
         self.n += 1

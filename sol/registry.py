@@ -91,7 +91,8 @@ def build(spec: str, model_name: str | None = None) -> Built:
 
         policy, meta = load_policy(rest, model_name)
         g = ActionGrid.from_config(meta["grid"])
-        c = PolicyController(policy, g, meta["budget_mode"], greedy=True, track_budget=kind == "policy-tracked")
+        track = kind == "policy-tracked" or meta.get("track_budget", False)  # trained with its tracker: always on
+        c = PolicyController(policy, g, meta["budget_mode"], greedy=True, track_budget=track)
         c.name = kind
         return Built(c, g, uses_budget=True)
     if kind == "weights":

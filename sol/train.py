@@ -4,9 +4,14 @@ One update:
   1. sample ``blocks_per_update`` train blocks of context + episode + 1 tokens and a budget per block;
   2. dense prefill of each block once, decode it as ``rollouts`` = K rows (K counterfactual schedules sampled from the
      policy, per-row actions, teacher forcing: the token path is fixed, only the actions differ);
-  3. reward r_t = log p(y_t) under the approximated step (minus ``kl_weight``·KL(dense ‖ approx) if > 0); returns
+  3. reward r_t = ``logp_weight``·log p(y_t) under the approximated step − ``kl_weight``·KL(dense ‖ approx) (KL is
+     the label-free, lower-variance damage signal the KL oracle uses; the reference used log p alone); returns
      G_t = Σ_k γ^(k−t) r_k; one budget penalty per rollout, α·max(|realised − target| − tol, 0)², on FLOP keep
      (``budget_mode: flop``) or summed per axis (``paper``), subtracted at every t;
+     With ``track_budget: true`` the rollouts use the budget tracker (``policy-tracked``): the policy's logits are
+     tilted by λ·keep so that each episode meets its budget, the tilt is recorded and added again in the update (it
+     is part of the sampling distribution, so the PPO ratio stays exact). The penalty then hardly ever fires and the
+     policy learns only *where* to spend; a checkpoint trained this way always runs with its tracker.
   4. advantages centred within each group of K (per step: ``process``; or on the episode total: ``outcome``), then
      whitened over the batch;
   5. PPO-clip surrogate + entropy bonus, ``ppo_epochs`` passes over ``minibatches`` minibatches, an AdamW step per
@@ -67,7 +72,9 @@ class TrainConfig:
     paper_ranges: dict = field(default_factory=lambda: {"token_keep": [0.1, 1.0], "prune_keep": [0.4, 1.0],
                                                          "bits": [5, 16]})
     gamma: float = 0.85
+    logp_weight: float = 1.0
     kl_weight: float = 0.0
+    track_budget: bool = False
     penalty: float = 200.0
     tolerance: float = 0.02
     advantage: str = "process"
@@ -228,6 +235,7 @@ class Trainer:
         self.update = 0
         self.meta = {"model": self.model_name, "grid": self.grid.to_config(),
                      "settings": dataclasses.asdict(cfg.settings()), "budget_mode": cfg.budget_mode,
+                     "track_budget": cfg.track_budget,
                      "config_hash": config_hash(cfg), "policy_macs": self.policy.step_macs(),
                      "lm_dense_macs": lm_macs, "policy_params": n_params(self.policy)}
         self.metrics: list[dict] = []
@@ -285,13 +293,14 @@ class Trainer:
         idx = torch.randperm(len(self.blocks), generator=g)[: c.blocks_per_update]
         blocks = self.blocks[idx]
         flop, targets = self.sample_budgets(g, len(idx))
-        ctrl = PolicyController(self.policy, self.grid, c.budget_mode, greedy=False, generator=g, record=True)
+        ctrl = PolicyController(self.policy, self.grid, c.budget_mode, greedy=False, generator=g, record=True,
+                                track_budget=c.track_budget)
         if targets is not None:
             targets = targets.repeat_interleave(K, 0)
             ctrl.set_targets(targets)
         budget = flop.repeat_interleave(K, 0)
         ro = self.runtime.rollout(blocks, ctrl, budget, c.context, rollouts=K, keep_distributions=c.kl_weight > 0)
-        r = ro.logprobs.clone()
+        r = c.logp_weight * ro.logprobs
         if c.kl_weight > 0:
             dense = self.runtime.rollout(blocks, Dense(self.grid), 1.0, c.context, keep_distributions=True)
             p_dense = dense.extras["log_distributions"].repeat_interleave(K, 0)
@@ -320,7 +329,8 @@ class Trainer:
             if c.faithful_update:
                 self.opt.zero_grad()
             for mb in perm.chunk(c.minibatches):
-                logits = self.module(trace["h"][mb], trace["e"][mb], trace["s"][mb], trace["prev"][mb], cond[mb])
+                logits = (self.module(trace["h"][mb], trace["e"][mb], trace["s"][mb], trace["prev"][mb], cond[mb])
+                          + trace["tilt"][mb])
                 logp_all = logits.log_softmax(-1)
                 logp = logp_all.gather(-1, trace["a"][mb].unsqueeze(-1)).squeeze(-1)
                 ratio = (logp - trace["logp"][mb]).exp()

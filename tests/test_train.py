@@ -69,6 +69,24 @@ def test_ratio_moves_unless_faithful(corpus, tmp_path):
     assert (pd.read_csv(tmp_path / "ref" / "metrics.csv").ratio_max_dev < 1e-4).all()
 
 
+def test_tracked_training_keeps_the_ratio_exact_and_meets_budgets(corpus, tmp_path):
+    """track_budget: the tilt is part of the sampling distribution, so the recomputed log-probs of an unchanged policy
+    equal the recorded ones (ratio ≡ 1 with one faithful pass), the budget is met in training, and the checkpoint
+    runs with its tracker even when asked for the plain policy."""
+    import pandas as pd
+
+    from sol.registry import build
+
+    out = tmp_path / "tracked"
+    r = _train(corpus, out, "updates=2", "faithful_update=true", "track_budget=true", "logp_weight=0", "kl_weight=1",
+               "budget_range=[0.6,0.9]")
+    assert r.returncode == 0, r.stderr
+    m = pd.read_csv(out / "metrics.csv")
+    assert (m.ratio_max_dev < 1e-4).all()
+    assert (m.budget_err < 0.03).all()
+    assert build(f"policy:{out / 'policy.pt'}", "tiny-llama").controller.track_budget
+
+
 def test_checkpoint_validation(corpus, tmp_path):
     from sol.actions import grid_from
     from sol.train import load_policy
