@@ -23,7 +23,7 @@ def cmd_bench(args) -> None:
 
     from sol.actions import Action, ActionSettings
     from sol.bench import DEFAULT_ACTIONS, format_table, run_bench
-    from sol.io import write_csv
+    from sol.io import write_csv, write_text
     from sol.models import load
 
     _threads(args.threads)
@@ -70,7 +70,7 @@ def cmd_eval_ppl(args) -> None:
     from sol import data
     from sol.actions import ActionSettings
     from sol.evaluate import eval_ppl
-    from sol.io import write_csv
+    from sol.io import write_csv, write_text
     from sol.models import load
 
     _threads(args.threads)
@@ -228,7 +228,7 @@ def cmd_profile(args) -> None:
 def cmd_kv_pollution(args) -> None:
     from sol import figures
     from sol.engine import Engine
-    from sol.io import write_csv
+    from sol.io import write_csv, write_text
     from sol.models import load
     from sol.studies import kv_pollution
 
@@ -267,11 +267,11 @@ def cmd_headroom(args) -> None:
 def cmd_timeline(args) -> None:
     from sol import figures
     from sol.engine import Engine
-    from sol.io import write_csv
+    from sol.io import write_csv, write_json
     from sol.models import load
     from sol.registry import build
     from sol.runtime import Runtime
-    from sol.studies import action_timeline
+    from sol.studies import action_timeline, timeline_summary
 
     _threads(args.threads)
     model, tok = load(args.model, dtype=args.dtype, device=args.device)
@@ -282,7 +282,9 @@ def cmd_timeline(args) -> None:
     out = Path(args.out)
     write_csv(out / "action_timeline.csv", df)
     figures.action_timeline(df, out / "action_timeline.pdf")
-    print(df.groupby("block")[["flop_keep", "dense_entropy"]].corr(method="spearman").to_string())
+    summary = timeline_summary(df)
+    write_json(out / "action_timeline.json", summary)
+    print(json.dumps(summary, indent=1))
 
 
 def cmd_report(args) -> None:

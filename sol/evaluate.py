@@ -77,6 +77,12 @@ def block_rows(method: str, budget: float, r: dict) -> list[dict]:
             for b in range(len(r["nll"]))]
 
 
+def keep_floor(runtime: Runtime, grid, context: int, steps: int) -> float:
+    """The lowest mean FLOP keep any schedule on ``grid`` can realise over these steps (the cheapest action at every
+    step): budgets below it cannot be met."""
+    return float(np.mean([runtime.cost.keep_table(grid, context + t + 1).min().item() for t in range(steps)]))
+
+
 def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], budgets: list[float], context: int,
              episode: int, batch: int = 8, settings: ActionSettings | None = None, seed: int = 0,
              calibration: torch.Tensor | None = None, time_steps: bool = False, mode: str = "simulate"):
@@ -94,7 +100,9 @@ def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], bud
             torch.manual_seed(seed)
             r = run_blocks(runtime, built, blocks, budget, context, episode, batch, desc=f"{built.controller.name} {budget:g}")
             method = built.controller.name
-            rows.append(summary_row(method, budget if built.uses_budget else np.nan, r, model_name, seed))
+            extra = {"keep_floor": keep_floor(runtime, built.grid, context, blocks.shape[1] - context - 1)
+                     } if built.uses_budget else {}
+            rows.append(summary_row(method, budget if built.uses_budget else np.nan, r, model_name, seed, **extra))
             per_block += block_rows(method, rows[-1]["budget"], r)
     summary = pd.DataFrame(rows)
     if time_steps and "dense" in set(summary.method):

@@ -108,6 +108,19 @@ def action_timeline(runtime: Runtime, controller: Controller, blocks: torch.Tens
     return pd.DataFrame(rows)
 
 
+def timeline_summary(df: pd.DataFrame) -> dict:
+    """Is the schedule constant? Distinct actions, the entropy (nats) of the empirical action distribution, and the
+    Spearman correlation of each step's FLOP keep with the dense model's entropy there (pooled, and the median over
+    blocks): positive = more compute where the dense model is less certain."""
+    p = df.action.value_counts(normalize=True).to_numpy()
+    per_block = df.groupby("block")[["flop_keep", "dense_entropy"]].corr(method="spearman").xs("flop_keep", level=1)
+    return {"steps": len(df), "distinct_actions": int(df.action.nunique()),
+            "action_entropy_nats": float(-(p * np.log(p)).sum()),
+            "spearman_keep_entropy": float(df.flop_keep.corr(df.dense_entropy, method="spearman")),
+            "spearman_keep_entropy_block_median": float(per_block.dense_entropy.median()),
+            "mean_flop_keep": float(df.flop_keep.mean())}
+
+
 class _Schedule(Controller):
     """A precomputed per-row schedule of grid action ids [B, T] (column = decode step)."""
 

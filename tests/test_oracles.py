@@ -91,3 +91,19 @@ def test_probing_leaves_no_trace(tiny_llama):
     r = rt.rollout(blocks, Replay(grid), 0.8, context=24, episode=8)
     assert torch.equal(r.actions, o.actions) and len(set(o.actions.flatten().tolist())) > 1
     assert torch.allclose(r.logprobs, o.logprobs, atol=1e-6)
+
+
+def test_timeline_summary_reads_the_schedule():
+    import pandas as pd
+
+    from sol.studies import timeline_summary
+
+    ent = [0.5, 1.0, 2.0, 3.0] * 2
+    adaptive = pd.DataFrame({"block": [0] * 4 + [1] * 4, "action": ["a", "b", "c", "d"] * 2,
+                             "flop_keep": [0.55, 0.6, 0.8, 1.0] * 2, "dense_entropy": ent})
+    s = timeline_summary(adaptive)
+    assert s["distinct_actions"] == 4 and abs(s["action_entropy_nats"] - np.log(4)) < 1e-9
+    assert s["spearman_keep_entropy"] == 1.0 and s["spearman_keep_entropy_block_median"] == 1.0
+    constant = adaptive.assign(action="a", flop_keep=0.7)
+    s = timeline_summary(constant)
+    assert s["distinct_actions"] == 1 and s["action_entropy_nats"] == 0.0

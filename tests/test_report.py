@@ -36,6 +36,22 @@ def test_verdicts_follow_the_data(tmp_path):
     assert bad["front_beats_fixed"] == "not reproduced" and bad["budget_adherence"] == "not reproduced"
 
 
+def test_adherence_below_the_grid_floor(tmp_path):
+    """A budget below the cheapest schedule's keep (keep_floor) is judged against the floor and named as out of reach."""
+    res = _results(tmp_path)
+    ppl = pd.read_csv(res / "ppl.csv")
+    ppl["keep_floor"] = 0.7
+    low = ppl.budget == 0.6
+    ppl.loc[low & (ppl.method == "policy"), "flop_keep"] = 0.71  # the floor, as close as the grid allows
+    ppl.to_csv(res / "ppl.csv", index=False)
+    c = {c["id"]: c for c in compute_claims(res)}
+    assert c["budget_adherence"]["verdict"] == "reproduced"
+    assert "below the grid's floor 0.700" in c["budget_adherence"]["ours"]
+    ppl.loc[low & (ppl.method == "policy"), "flop_keep"] = 0.78  # wasteful: well above the floor
+    ppl.to_csv(res / "ppl.csv", index=False)
+    assert {c["id"]: c["verdict"] for c in compute_claims(res)}["budget_adherence"] == "not reproduced"
+
+
 def test_report_and_check(tmp_path):
     (tmp_path / "r").mkdir()
     res = _results(tmp_path / "r")

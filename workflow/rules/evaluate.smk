@@ -12,9 +12,9 @@ rule eval_ppl:
         env=lambda wc, threads: env(threads),
         cmd=CMD["eval_ppl"],
         primary=EV["primary"],
-        other="policy" if EV["primary"] == "policy-tracked" else "policy-tracked",
+        secondary=lambda wc, input: f"{EV['secondary']}:{input.policy}" if EV.get("secondary") else "",
     shell:
-        "{params.env} {params.cmd} --controller {params.primary}:{input.policy} {params.other}:{input.policy} dense "
+        "{params.env} {params.cmd} --controller {params.primary}:{input.policy} {params.secondary} dense "
         "--out {output.csv} > {log} 2>&1"
 
 
