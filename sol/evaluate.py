@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from sol.actions import ActionSettings
 from sol.bench import StepTimer
+from sol.controllers import Controller, FixedAction, StepState
 from sol.engine import Engine
 from sol.registry import Built, build
 from sol.runtime import Runtime
@@ -123,12 +124,38 @@ def paired(per_block: pd.DataFrame, a: tuple[str, float], b: tuple[str, float]) 
             "ppl_ratio_lo": float(np.exp(lo)), "ppl_ratio_hi": float(np.exp(hi))}
 
 
+class _EveryAction(Controller):
+    """Row k of each block's group of |grid| rows runs grid action k at every step: all fixed actions at once."""
+
+    name = "every-action"
+
+    def act(self, state: StepState) -> torch.Tensor:
+        return torch.arange(state.batch) % len(self.grid)
+
+
+def static_sweep(runtime: Runtime, grid, blocks: torch.Tensor, context: int, episode: int, batch: int = 4
+                 ) -> pd.DataFrame:
+    """Every fixed (uniform) action of ``grid`` on ``blocks`` in one batched pass per ``batch`` blocks (each block
+    prefilled once, decoded as |grid| rows): per action its mean NLL and realised FLOP keep."""
+    A = len(grid)
+    nll, keep = [], []
+    for i in tqdm(range(0, len(blocks), batch), desc="static sweep", leave=False):
+        ro = runtime.rollout(blocks[i:i + batch], _EveryAction(grid), 1.0, context, rollouts=A, episode=episode)
+        nll.append(ro.nll.mean(-1).view(-1, A))
+        keep.append(ro.mean_flop_keep().view(-1, A))
+    nll, keep = torch.cat(nll).mean(0), torch.cat(keep).mean(0)
+    return pd.DataFrame({"action": range(A), "tag": [a.tag for a in grid.actions], "nll": nll.numpy(),
+                         "flop_keep": keep.numpy()})
+
+
 def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch.Tensor, selection: torch.Tensor, grid, context: int, episode: int, batch: int = 8, n_random: int = 5,
                     settings: ActionSettings | None = None, seed: int = 0, select_on_eval: bool = False,
                     primary: str = "policy"):
     """The reference's schedule baselines at every policy operating point (reference §8): the matched two-level mix
     at the policy's realised per-axis averages, N random permutations of it (best-of-N chosen on ``selection``
-    blocks — a held-out split — unless ``select_on_eval``, the reference's optimistic choice), EMC and DAC.
+    blocks — a held-out split — unless ``select_on_eval``, the reference's optimistic choice), EMC and DAC. Plus
+    ours, the strongest uniform baseline: ``static-best``, the one fixed grid action (joint levels of all axes) with
+    the lowest NLL on the selection blocks among those whose FLOP keep is at most the policy's.
 
     Returns (summary rows, per-block rows) to append to the policy's; method names carry the operating point.
     """
@@ -138,6 +165,7 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch
     runtime = Runtime(engine, grid)
     rows, blocks_out = [], []
     pol = summary[summary.method == primary]
+    sweep = static_sweep(runtime, grid, selection, context, episode) if len(pol) else None
     for _, p in pol.iterrows():
         targets = {"token_keep": p.token_keep, "prune_keep": p.prune_keep, "bits": p.bit_ratio * 16}
         point = float(p.budget)
@@ -152,6 +180,14 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch
             r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, desc=f"{name}@{point:g}")
             rows.append(summary_row(name, point, r, model_name, seed, selection_ppl=sel_ppl.get(name, np.nan)))
             blocks_out += block_rows(name, point, r)
+        affordable = sweep[sweep.flop_keep <= p.flop_keep + 1e-9]
+        if len(affordable):
+            best_static = affordable.loc[affordable.nll.idxmin()]
+            ctrl = FixedAction(grid, grid[int(best_static.action)])
+            r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, desc=f"static-best@{point:g}")
+            rows.append(summary_row("static-best", point, r, model_name, seed, selected=best_static.tag,
+                                    selection_ppl=float(np.exp(best_static.nll)), selected_on="selection split"))
+            blocks_out += block_rows("static-best", point, r)
         trials = [x for x in rows if x["method"].startswith("random:") and x["budget"] == point]
         key = "ppl" if select_on_eval else "selection_ppl"
         best = min(trials, key=lambda x: x[key])

@@ -248,7 +248,8 @@ def _dense_enough(front: pd.DataFrame, keep: float, max_ratio: float = 2.0) -> b
 
 
 def uniform_comparison(res: Path, primary: str = "policy") -> pd.DataFrame | None:
-    """Policy vs the true-uniform front at matched FLOP keep, per budget (paired CI over blocks)."""
+    """Policy vs the true-uniform front at matched FLOP keep, vs the matched mix and vs the best static action
+    (``static-best``, chosen on the selection split), per budget (paired CIs over blocks)."""
     ppl, blocks = _read(res / "ppl.csv"), _read(res / "ppl.blocks.csv")
     uni, ublocks = _read(res / "ppl_uniform.csv"), _read(res / "ppl_uniform.blocks.csv")
     if any(x is None for x in (ppl, blocks, uni, ublocks)):
@@ -259,13 +260,18 @@ def uniform_comparison(res: Path, primary: str = "policy") -> pd.DataFrame | Non
     for _, p in ppl[ppl.method.isin(["policy", "policy-tracked"])].iterrows():
         r = versus_front(allb, (p.method, p.budget), front, p.flop_keep) if _dense_enough(front, p.flop_keep) else None
         m = _paired_vs(blocks, p.method, "matched", p.budget) if p.method == primary else None
+        st = _paired_vs(blocks, p.method, "static-best", p.budget) if p.method == primary else None
+        sel = ppl[(ppl.method == "static-best") & np.isclose(ppl.budget, p.budget)]
         rows.append({"method": p.method, "budget": p.budget, "flop_keep": p.flop_keep, "ppl": p.ppl,
                      "uniform_front_ppl": r["front_ppl"] if r else np.nan,
                      "vs_uniform_ppl_ratio": r["ppl_ratio"] if r else np.nan,
                      "vs_uniform_ci": f"[{np.exp(r['lo']):.3f}, {np.exp(r['hi']):.3f}]" if r else
                      "no comparison (outside the front, or its neighbours differ > 2x)",
                      "vs_matched_ppl_ratio": np.exp(m[0]) if m else np.nan,
-                     "vs_matched_ci": f"[{np.exp(m[1]):.3f}, {np.exp(m[2]):.3f}]" if m else "n/a"})
+                     "vs_matched_ci": f"[{np.exp(m[1]):.3f}, {np.exp(m[2]):.3f}]" if m else "n/a",
+                     "static_best": f"{sel.selected.iloc[0]} @ {sel.flop_keep.iloc[0]:.3f}" if st and len(sel) else "n/a",
+                     "vs_static_ppl_ratio": np.exp(st[0]) if st else np.nan,
+                     "vs_static_ci": f"[{np.exp(st[1]):.3f}, {np.exp(st[2]):.3f}]" if st else "n/a"})
     return pd.DataFrame(rows)
 
 
@@ -287,7 +293,7 @@ def build_report(res: Path, config_path: Path, model: str, primary: str = "polic
     ppl, uni = _read(res / "ppl.csv"), _read(res / "ppl_uniform.csv")
     mmlu = _read(res / "mmlu.csv")
     if ppl is not None:
-        pts = ppl[ppl.method.isin(["policy", "policy-tracked", "matched", "dense"])]
+        pts = ppl[ppl.method.isin(["policy", "policy-tracked", "matched", "static-best", "dense"])]
         pts = pd.concat([pts, uni], ignore_index=True) if uni is not None else pts
         orc = _read(res / "ppl_oracle.csv")
         figures.pareto(pts, res / "pareto_ppl.pdf", oracle=orc)

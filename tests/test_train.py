@@ -147,11 +147,34 @@ def test_policy_eval_with_paper_baselines(corpus, tmp_path):
     assert ((tracked.flop_keep - tracked.budget).abs() < 0.05).all()
     extra, extra_blocks = paper_baselines(model, "tiny-llama", summary, blocks, selection,
                                           build(specs[0]).grid, 32, 8, 4, n_random=2, primary="policy-tracked")
-    assert {"matched", "emc", "dac", "random:seed=0", "random:seed=1", "random-best"} == set(extra.method)
+    assert {"matched", "emc", "dac", "random:seed=0", "random:seed=1", "random-best", "static-best"} == set(extra.method)
     for b in (0.7, 0.9):
         m = extra[(extra.method == "matched") & (extra.budget == b)].iloc[0]
         p = tracked[tracked.budget == b].iloc[0]
         assert abs(m.prune_keep - p.prune_keep) < 0.1 and abs(m.bit_ratio - p.bit_ratio) < 0.15
-    best = extra[extra.method == "random-best"]
+    best = extra[extra.method.isin(["random-best", "static-best"])]
     assert (best.selected_on == "selection split").all()
     assert len(extra_blocks) == len(extra) * 4
+    static = extra[extra.method == "static-best"].set_index("budget")
+    assert (static.flop_keep <= tracked.set_index("budget").flop_keep + 1e-9).all()  # never more compute than SOL
+
+
+def test_static_sweep_equals_each_fixed_action_alone():
+    """All fixed actions in one batched pass (one prefill per block) == each action's own rollout."""
+    from sol.actions import ActionGrid
+    from sol.controllers import FixedAction
+    from sol.engine import Engine
+    from sol.evaluate import static_sweep
+    from sol.models import load
+    from sol.runtime import Runtime
+
+    model, _ = load("tiny-llama")
+    grid = ActionGrid(token_keep=(0.5, 1.0), prune_keep=(0.5, 1.0), bits=(6, 16))
+    runtime = Runtime(Engine(model), grid)
+    blocks = torch.randint(0, 300, (3, 49), generator=torch.Generator().manual_seed(0))
+    sweep = static_sweep(runtime, grid, blocks, 32, 8, batch=2)
+    assert len(sweep) == len(grid)
+    for a in range(len(grid)):
+        ro = runtime.rollout(blocks, FixedAction(grid, grid[a]), 1.0, 32, episode=8)
+        assert abs(ro.nll.mean().item() - sweep.nll[a]) < 1e-5
+        assert abs(ro.mean_flop_keep().mean().item() - sweep.flop_keep[a]) < 1e-9
