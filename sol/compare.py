@@ -21,9 +21,11 @@ def pareto_front(df: pd.DataFrame, x: str = "flop_keep", y: str = "ppl", lower_i
 
 
 def bracket(front: pd.DataFrame, x_query: float, x: str = "flop_keep"):
-    """(i, j, w): x_query = (1−w)·front[i] + w·front[j] along the front; None outside its x range."""
+    """(i, j, w): x_query = (1−w)·front[i] + w·front[j] along the front; None below its cheapest point. Beyond its
+    last point the last point holds: a front is the best quality reachable with at most that much compute, and a
+    point that no costlier level improves on (e.g. a uniform level as good as dense) is reachable at any higher keep."""
     xs = front[x].to_numpy()
-    if len(xs) == 0 or x_query < xs[0] - 1e-12 or x_query > xs[-1] + 1e-12:
+    if len(xs) == 0 or x_query < xs[0] - 1e-12:
         return None
     j = int(np.searchsorted(xs, x_query))
     if j == 0:

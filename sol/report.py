@@ -266,7 +266,7 @@ def uniform_comparison(res: Path, primary: str = "policy") -> pd.DataFrame | Non
                      "uniform_front_ppl": r["front_ppl"] if r else np.nan,
                      "vs_uniform_ppl_ratio": r["ppl_ratio"] if r else np.nan,
                      "vs_uniform_ci": f"[{np.exp(r['lo']):.3f}, {np.exp(r['hi']):.3f}]" if r else
-                     "no comparison (outside the front, or its neighbours differ > 2x)",
+                     "no comparison (below the front's cheapest level, or its neighbours differ > 2x)",
                      "vs_matched_ppl_ratio": np.exp(m[0]) if m else np.nan,
                      "vs_matched_ci": f"[{np.exp(m[1]):.3f}, {np.exp(m[2]):.3f}]" if m else "n/a",
                      "static_best": f"{sel.selected.iloc[0]} @ {sel.flop_keep.iloc[0]:.3f}" if st and len(sel) else "n/a",

@@ -47,7 +47,8 @@ def test_pareto_front_and_interpolation():
                        "ppl": [30.0, 31.0, 25.0, 24.0]})
     front = pareto_front(df)
     assert list(front.method) == ["a", "c", "d"]
-    assert bracket(front, 0.65) == (0, 1, pytest.approx(0.75)) and bracket(front, 0.9) is None
+    assert bracket(front, 0.65) == (0, 1, pytest.approx(0.75)) and bracket(front, 0.4) is None
+    assert bracket(front, 0.9) == (2, 2, 0.0)  # beyond the last point it holds (reachable with less compute)
     per_block = pd.DataFrame({"method": ["a", "a", "c", "c", "d", "d", "p", "p"], "budget": [np.nan] * 6 + [0.6, 0.6],
                               "block": [0, 1] * 4, "nll": [3.0, 3.2, 2.0, 2.2, 1.0, 1.0, 2.0, 2.4]})
     r = versus_front(per_block, ("p", 0.6), front, 0.6)

@@ -114,4 +114,4 @@ def test_no_comparison_across_a_cliff_of_the_front():
     assert not _dense_enough(front, 0.60)   # the chord between 4-bit and 5-bit says nothing about true uniform
     assert not _dense_enough(front, 0.80)   # 33 → 14 differ by 2.4x > 2
     assert _dense_enough(front.assign(ppl=[1700.0, 20.0, 14.0]), 0.80)
-    assert not _dense_enough(front, 0.50)   # outside the front
+    assert not _dense_enough(front, 0.50)   # below the front's cheapest level
