@@ -23,7 +23,7 @@ def cmd_bench(args) -> None:
 
     from sol.actions import Action, ActionSettings
     from sol.bench import DEFAULT_ACTIONS, format_table, run_bench
-    from sol.io import write_csv, write_text
+    from sol.io import write_csv
     from sol.models import load
 
     _threads(args.threads)
@@ -70,7 +70,7 @@ def cmd_eval_ppl(args) -> None:
     from sol import data
     from sol.actions import ActionSettings
     from sol.evaluate import eval_ppl
-    from sol.io import write_csv, write_text
+    from sol.io import write_csv
     from sol.models import load
 
     _threads(args.threads)
@@ -228,7 +228,7 @@ def cmd_profile(args) -> None:
 def cmd_kv_pollution(args) -> None:
     from sol import figures
     from sol.engine import Engine
-    from sol.io import write_csv, write_text
+    from sol.io import write_csv
     from sol.models import load
     from sol.studies import kv_pollution
 

@@ -97,12 +97,12 @@ def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], bud
             engines[built.transform] = Engine(transformed(model, built, calibration), settings, mode)
         timer = StepTimer(engines[built.transform].device) if time_steps else None
         runtime = Runtime(engines[built.transform], built.grid, timer=timer)
+        extra = {"keep_floor": keep_floor(runtime, built.grid, context, blocks.shape[1] - context - 1)
+                 } if built.uses_budget else {}
         for budget in (budgets if built.uses_budget else [1.0]):
             torch.manual_seed(seed)
             r = run_blocks(runtime, built, blocks, budget, context, episode, batch, desc=f"{built.controller.name} {budget:g}")
             method = built.controller.name
-            extra = {"keep_floor": keep_floor(runtime, built.grid, context, blocks.shape[1] - context - 1)
-                     } if built.uses_budget else {}
             rows.append(summary_row(method, budget if built.uses_budget else np.nan, r, model_name, seed, **extra))
             per_block += block_rows(method, rows[-1]["budget"], r)
     summary = pd.DataFrame(rows)

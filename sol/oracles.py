@@ -39,9 +39,15 @@ class GreedyOracle(Controller):
         B = state.batch
         cand = torch.tensor(self.candidates)
         if self.score == "kl":
-            _, ref = state.probe(torch.full((B,), self.grid.dense_index), self.horizon)
-            loss = torch.stack([sum((r.exp() * (r - q)).sum(-1) for r, q in zip(ref, state.probe(
-                torch.full((B,), int(a)), self.horizon)[1])) for a in cand], 1)                       # [B, C]
+            dense = self.grid.dense_index
+            _, ref = state.probe(torch.full((B,), dense), self.horizon)
+
+            def kl(a: int) -> torch.Tensor:  # the dense candidate is the reference itself: KL 0, no second probe
+                if a == dense:
+                    return torch.zeros(B)
+                return sum((r.exp() * (r - q)).sum(-1) for r, q in zip(ref, state.probe(torch.full((B,), a),
+                                                                                           self.horizon)[1]))
+            loss = torch.stack([kl(int(a)) for a in cand], 1)                                          # [B, C]
         else:
             loss = torch.stack([state.probe(torch.full((B,), int(a)), self.horizon)[0] for a in cand], 1)
         keep = state.keep_table[:, cand]                                                             # [B, C]
