@@ -150,42 +150,44 @@ class DriftController(BudgetTracker):
 
 
 class RandomPermutation(_PerAxis):
-    """The matched multiset per row and axis, randomly permuted (seeded, deterministic)."""
+    """The matched multiset per row and axis, randomly permuted (seeded, deterministic). Each (block, episode) draws
+    its own permutation from a generator seeded by (seed, block, episode start), so the schedule a block gets does
+    not depend on how blocks are batched."""
 
     name = "random"
 
     def __init__(self, grid: ActionGrid, targets: dict[str, float], seed: int = 0):
         super().__init__(grid, targets)
         self.seed = seed
-        self._episodes = 0
 
     def start_episode(self, n_rows, budget):
         super().start_episode(n_rows, budget)
         self._plan = None
-        self._rows = n_rows
 
-    def schedule(self, n_rows: int, length) -> dict[str, torch.Tensor]:
-        """Per axis a [n_rows, max length] table of levels; row r holds exactly round(p_hi·length[r]) high entries
-        among its first length[r] (``length``: an int or [n_rows] tensor; the rest, past the row's end, is low)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._episodes)
-        lengths = torch.as_tensor(length).expand(n_rows).tolist()
+    def schedule(self, rows, offset: int, length) -> dict[str, torch.Tensor]:
+        """Per axis a [len(rows), max length] table of levels; row r holds exactly round(p_hi·length[r]) high entries
+        among its first length[r] (``length``: an int or a tensor per row; the rest, past the row's end, is low).
+        ``rows``: the block of each row; ``offset``: the episode's first step within its block."""
+        rows = torch.as_tensor(rows).tolist()
+        lengths = torch.as_tensor(length).expand(len(rows)).tolist()
         width = max(lengths)
+        gens = [torch.Generator().manual_seed(self.seed * 1_000_003 + r * 7919 + offset) for r in rows]
         plan = {}
         for a in AXES:
             lo, hi = _bracket(self.levels[a], self.targets[a])
-            rows = []
-            for n in lengths:
+            table = []
+            for n, g in zip(lengths, gens):
                 n_hi = 0 if hi == lo else round((self.targets[a] - lo) / (hi - lo) * n)
                 base = torch.tensor([hi] * n_hi + [lo] * (n - n_hi), dtype=torch.float64)
-                rows.append(torch.cat([base[torch.randperm(n, generator=g)], torch.full((width - n,), lo,
-                                                                                      dtype=torch.float64)]))
-            plan[a] = torch.stack(rows)
+                table.append(torch.cat([base[torch.randperm(n, generator=g)], torch.full((width - n,), lo,
+                                                                                       dtype=torch.float64)]))
+            plan[a] = torch.stack(table)
         return plan
 
     def act(self, state: StepState) -> torch.Tensor:
         if self._plan is None:
-            self._plan = self.schedule(state.batch, state.remaining)
-            self._episodes += 1
+            rows = state.rows if state.rows is not None else torch.arange(state.batch)
+            self._plan = self.schedule(rows, state.offset, state.remaining)
             self._t0 = self.n
         col = self.n - self._t0
         return self._emit({a: self._plan[a][:, col] for a in AXES})

@@ -31,6 +31,8 @@ class StepState:
     keep_table: torch.Tensor   # [B, A] FLOP keep of every grid action at each row's key length
     probe: object = None       # oracles only: probe(actions [B], horizon) → (NLL [B], log-softmax per step) of this
                                # step + horizon−1 dense teacher-forced steps (non-causal: it reads future tokens)
+    rows: torch.Tensor | None = None  # [B] which block of the scored set each row decodes (same for every batching)
+    offset: int = 0            # step index, within its block, of this episode's first step
 
     @property
     def batch(self) -> int:

@@ -25,24 +25,21 @@ from sol.stats import paired_diff_ci, ppl_with_ci
 
 
 def run_blocks(runtime: Runtime, built: Built, blocks: torch.Tensor, budget: float, context: int, episode: int,
-               batch: int, desc: str = "") -> dict[str, np.ndarray]:
-    """Per-block arrays: nll [N, T], flop_keep / total_keep / token_keep / prune_keep / bits [N]."""
-    out = {k: [] for k in ("nll", "flop_keep", "total_keep", "token_keep", "prune_keep", "bit_ratio", "step_ms")}
-    for i in tqdm(range(0, len(blocks), batch), desc=desc, leave=False):
-        chunk = blocks[i:i + batch]
-        if hasattr(built.controller, "prepare"):  # oracles that look at the whole block first
-            built.controller.prepare(runtime, chunk, budget, context, episode)
-        ro = runtime.rollout(chunk, built.controller, budget, context, episode=episode)
-        eff = ro.effective
-        a = ro.actions[:, eff]
-        out["nll"].append(ro.nll.numpy())
-        out["flop_keep"].append(ro.mean_flop_keep().numpy())
-        out["total_keep"].append(ro.mean_total_keep().numpy())
-        for axis, v in runtime.axis_usage(a).items():
-            out[axis].append(v.mean(1).numpy())
-        if "step_ms" in ro.extras:  # one step serves the whole chunk: charge its time to every block of it
-            out["step_ms"].append(np.full(len(chunk), ro.extras["step_ms"].mean().item()))
-    return {k: np.concatenate(v) for k, v in out.items() if v}
+               batch: int, desc: str = "", max_rows: int = 64) -> dict[str, np.ndarray]:
+    """Per-block arrays: nll [N, T], flop_keep / total_keep / token_keep / prune_keep / bits [N].
+
+    Scored through the shared dense prefix (``Runtime.score``, rows of at most ``max_rows``). With a step timer the
+    blocks run as before, ``batch`` blocks per sequential rollout, so a timed step is one step of ``batch`` blocks."""
+    if hasattr(built.controller, "prepare"):  # oracles that look at the whole block set first
+        built.controller.prepare(runtime, blocks, budget, context, episode, max_rows)
+    timed = runtime.timer is not None
+    ro = runtime.score(blocks, built.controller, budget, context, episode, max_rows=batch if timed else max_rows)
+    out = {"nll": ro.nll.numpy(), "flop_keep": ro.mean_flop_keep().numpy(), "total_keep": ro.mean_total_keep().numpy()}
+    for axis, v in runtime.axis_usage(ro.actions[:, ro.effective]).items():
+        out[axis] = v.mean(1).numpy()
+    if timed:  # one step serves a whole chunk: charge its mean time to every block
+        out["step_ms"] = np.full(len(blocks), ro.extras["step_ms"].mean().item())
+    return out
 
 
 def transformed(model, built: Built, calibration: torch.Tensor | None):
@@ -133,17 +130,13 @@ class _EveryAction(Controller):
         return torch.arange(state.batch) % len(self.grid)
 
 
-def static_sweep(runtime: Runtime, grid, blocks: torch.Tensor, context: int, episode: int, batch: int = 4
+def static_sweep(runtime: Runtime, grid, blocks: torch.Tensor, context: int, episode: int, max_rows: int = 256
                  ) -> pd.DataFrame:
-    """Every fixed (uniform) action of ``grid`` on ``blocks`` in one batched pass per ``batch`` blocks (each block
-    prefilled once, decoded as |grid| rows): per action its mean NLL and realised FLOP keep."""
+    """Every fixed (uniform) action of ``grid`` on ``blocks`` at once: each (block, episode) decoded from the shared
+    dense prefix as |grid| rows, row k running action k. Per action its mean NLL and realised FLOP keep."""
     A = len(grid)
-    nll, keep = [], []
-    for i in tqdm(range(0, len(blocks), batch), desc="static sweep", leave=False):
-        ro = runtime.rollout(blocks[i:i + batch], _EveryAction(grid), 1.0, context, rollouts=A, episode=episode)
-        nll.append(ro.nll.mean(-1).view(-1, A))
-        keep.append(ro.mean_flop_keep().view(-1, A))
-    nll, keep = torch.cat(nll).mean(0), torch.cat(keep).mean(0)
+    ro = runtime.score(blocks, _EveryAction(grid), 1.0, context, episode, max_rows=max(max_rows, A), rollouts=A)
+    nll, keep = ro.nll.mean(-1).view(-1, A).mean(0), ro.mean_flop_keep().view(-1, A).mean(0)
     return pd.DataFrame({"action": range(A), "tag": [a.tag for a in grid.actions], "nll": nll.numpy(),
                          "flop_keep": keep.numpy()})
 

@@ -74,9 +74,11 @@ class RankedOracle(Controller):
         super().__init__(grid)
         self.low, self.high = grid.index(low), grid.index(high)
 
-    def prepare(self, runtime, blocks: torch.Tensor, budget: float, context: int, episode: int | None) -> None:
-        lo = runtime.rollout(blocks, FixedAction(self.grid, self.grid[self.low]), 1.0, context, episode=episode)
-        hi = runtime.rollout(blocks, FixedAction(self.grid, self.grid[self.high]), 1.0, context, episode=episode)
+    def prepare(self, runtime, blocks: torch.Tensor, budget: float, context: int, episode: int | None,
+                max_rows: int = 64) -> None:
+        """The plan for every block of the scored set (rows are found by ``StepState.rows``)."""
+        lo = runtime.score(blocks, FixedAction(self.grid, self.grid[self.low]), 1.0, context, episode, max_rows)
+        hi = runtime.score(blocks, FixedAction(self.grid, self.grid[self.high]), 1.0, context, episode, max_rows)
         damage = lo.nll - hi.nll                                                         # [B, T]
         k_lo, k_hi = lo.mean_flop_keep().mean().item(), hi.mean_flop_keep().mean().item()
         share = 0.0 if k_hi == k_lo else min(max((budget - k_lo) / (k_hi - k_lo), 0.0), 1.0)
@@ -85,7 +87,7 @@ class RankedOracle(Controller):
         if n_hi:
             top = damage.topk(n_hi, dim=1).indices
             plan.scatter_(1, top, self.high)
-        self.plan, self.context = plan, context
+        self.plan = plan
 
     def act(self, state: StepState) -> torch.Tensor:
-        return self.plan[:, state.kv_len - 1 - self.context]
+        return self.plan[state.rows, state.offset + state.t]

@@ -130,7 +130,8 @@ class Runtime:
     def rollout(self, blocks: torch.Tensor, controller: Controller, budget: torch.Tensor | float,
                 context: int, episode: int | None = None, record_hidden: bool = False,
                 free_running: bool = False, rollouts: int = 1, keep_distributions: bool = False,
-                pad: torch.Tensor | None = None, steps: torch.Tensor | None = None) -> Rollout:
+                pad: torch.Tensor | None = None, steps: torch.Tensor | None = None, start: tuple | None = None,
+                n_steps: int | None = None, row_ids: torch.Tensor | None = None, offset: int = 0) -> Rollout:
         """Teacher-forced decode of ``blocks [B, context + T + 1]``; see the module docstring.
 
         With ``free_running`` each step's greedy token is written into ``blocks`` as the next input (in place).
@@ -142,14 +143,22 @@ class Runtime:
         ``steps [B]``: row b is scored on its first ``steps[b]`` steps only (the rest is padding), so its episodes end
         there: a controller sees the episode length row b would see if its block ended at ``steps[b]``. Records past
         a row's end are undefined (log-prob 0). With ``steps`` non-increasing the LM skips finished rows entirely.
+        ``start = (cache, last logits, last hidden)``: the dense state after ``context`` tokens, already computed (a
+        :class:`sol.prefix.DensePrefix` episode start); no prefill is run. ``n_steps``: decode only the first
+        ``n_steps`` steps (later tokens stay readable by lookahead probes). ``row_ids [B]`` (default: the row's block
+        within ``blocks``) and ``offset`` (the first step's index within its block) are handed to the controller.
         """
         e = self.engine
         host = blocks  # controllers and records live on the CPU; the LM runs on e.device
         blocks = blocks.to(e.device)
         prefill = blocks[:, :context]
+        row_ids = torch.arange(blocks.shape[0]) if row_ids is None else row_ids.cpu()
+        if rollouts > 1:
+            row_ids = row_ids.repeat_interleave(rollouts)
         if pad is not None and rollouts > 1:
             raise ValueError("pad and rollouts > 1 cannot be combined")
-        if pad is None and rollouts == 1 and blocks.shape[0] > 1 and bool((prefill == prefill[:1]).all()):
+        if (start is None and pad is None and rollouts == 1 and blocks.shape[0] > 1
+                and bool((prefill == prefill[:1]).all())):
             prefill, rollouts = prefill[:1], blocks.shape[0]  # rows share their context: prefill it once
         elif rollouts > 1:
             blocks = blocks.repeat_interleave(rollouts, 0)
@@ -157,11 +166,14 @@ class Runtime:
         T = n - context - 1
         if T < 1:
             raise ValueError("blocks must hold at least context + 2 tokens")
+        T = min(T, n_steps or T)
         budget = torch.as_tensor(budget, dtype=torch.float32).expand(B).clone()
         episode = episode or T
         row_steps = torch.full((B,), T) if steps is None else steps.cpu().long().clamp(1, T)
         shrink = steps is not None and bool((row_steps[:-1] >= row_steps[1:]).all())  # finished rows are a suffix
-        if pad is not None:
+        if start is not None:
+            cache, prev_logits, h = start
+        elif pad is not None:
             cache, prev_logits, h = self._prefill_ragged(blocks, pad, context, n + 1)
         else:
             cache = e.new_cache(prefill.shape[0], n + 1)
@@ -194,7 +206,7 @@ class Runtime:
                               embedding=e.embed(tok).float().cpu(), prev_logits=prev_logits.cpu(), budget=budget,
                               spent=spent.clone(), n_effective=n_eff, prev_action=prev.clone(), keep_table=table,
                               probe=self._prober(blocks, cache, pos) if getattr(controller, "needs_probe", False)
-                              else None)
+                              else None, rows=row_ids, offset=offset + ep_start)
             def decide_and_step():
                 a = controller.act(state) if effective else None
                 if a is None:
@@ -249,6 +261,59 @@ class Runtime:
             extras["step_ms"] = step_ms
         return Rollout(logp, acts, eff_all, keep, dense, controller.step_macs(), seen, extras)
 
+    @torch.no_grad()
+    def score(self, blocks: torch.Tensor, controller: Controller, budget: torch.Tensor | float, context: int,
+              episode: int | None = None, max_rows: int = 64, rollouts: int = 1, keep_distributions: bool = False,
+              record_hidden: bool = False, prefix=None) -> Rollout:
+        """What ``rollout(blocks, ...)`` computes, with the dense prefix shared (``sol.prefix``): every episode starts
+        from the dense cache of its block, so the (block, episode) pairs run as the rows of batches of at most
+        ``max_rows`` rows, episode by episode, and no controller re-runs the prefill or the dense replays. Records
+        come back as ``[N·rollouts, T]`` in block order, as from ``rollout``. ``budget``: a float or one per row.
+
+        Falls back to chunked sequential rollouts (same numbers) when the first steps are forced dense (context ≤
+        sinks + window + 1: an episode's effective steps would then depend on where it starts) or when steps are
+        timed (a timed step is one step of ``max_rows // rollouts`` blocks, as before)."""
+        from sol.prefix import dense_prefix
+
+        N, n = blocks.shape
+        T = n - context - 1
+        E = min(episode or T, T)
+        per = max(1, max_rows // rollouts)  # blocks per batch
+        budget = torch.as_tensor(budget, dtype=torch.float32)
+        part = lambda rows: budget if budget.numel() == 1 else budget.view(N, rollouts)[rows].reshape(-1)  # noqa: E731
+        kw = dict(rollouts=rollouts, keep_distributions=keep_distributions, record_hidden=record_hidden)
+        if self.timer is not None or not self.engine.settings.effective(context + 1):
+            parts = [self.rollout(blocks[i:i + per], controller, part(slice(i, i + per)), context, episode=E,
+                                  row_ids=torch.arange(i, min(N, i + per)), **kw) for i in range(0, N, per)]
+            return _concat(parts)
+        pre = prefix or dense_prefix(self.engine, blocks, context, E)
+        B = N * rollouts
+        logp, keep, greedy = torch.empty(B, T), torch.empty(B, T), torch.empty(B, T, dtype=torch.long)
+        acts, dense = torch.empty(B, T, dtype=torch.long), torch.empty(B, T, dtype=torch.float64)
+        dists = hidden = None
+        macs = 0
+        for k in range(pre.n_episodes):
+            L, S, t0 = pre.episode_start(k), pre.episode_steps(k), k * E
+            for i in range(0, N, per):
+                rows = torch.arange(i, min(N, i + per))
+                ro = self.rollout(blocks[rows], controller, part(rows), L, episode=E, n_steps=S, row_ids=rows,
+                                  offset=t0, start=pre.start(self.engine, rows, k, n + 1), **kw)
+                out = slice(i * rollouts, (i + len(rows)) * rollouts)
+                for dst, src in ((logp, ro.logprobs), (keep, ro.flop_keep), (greedy, ro.extras["greedy"]),
+                                 (acts, ro.actions), (dense, ro.dense_macs)):
+                    dst[out, t0:t0 + S] = src
+                if keep_distributions:
+                    if dists is None:
+                        dists = torch.empty(B, T, ro.extras["log_distributions"].shape[-1])
+                    dists[out, t0:t0 + S] = ro.extras["log_distributions"]
+                if record_hidden:
+                    if hidden is None:
+                        hidden = torch.empty(B, T, ro.hidden.shape[-1])
+                    hidden[out, t0:t0 + S] = ro.hidden
+                macs = ro.controller_macs
+        extras = {"greedy": greedy} | ({"log_distributions": dists} if keep_distributions else {})
+        return Rollout(logp, acts, torch.ones(T, dtype=torch.bool), keep, dense, macs, hidden, extras)
+
     def _prober(self, blocks: torch.Tensor, cache, pos: int):
         """A function scoring candidate actions for the step at ``pos`` by teacher-forced lookahead (oracles).
 
@@ -285,3 +350,13 @@ class Runtime:
         blocks = torch.cat([prompt, prompt.new_zeros(B, n_new)], 1)
         ro = self.rollout(blocks, controller, budget, P - 1, episode, free_running=True)
         return blocks[:, P:], ro
+
+
+def _concat(parts: list[Rollout]) -> Rollout:
+    """Rollouts of consecutive row chunks (same steps) as one."""
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    extras = {k: torch.cat([p.extras[k] for p in parts]) for k in parts[0].extras if k != "step_ms"}
+    if "step_ms" in parts[0].extras:
+        extras["step_ms"] = torch.stack([p.extras["step_ms"] for p in parts]).mean(0)
+    return Rollout(cat("logprobs"), cat("actions"), parts[0].effective, cat("flop_keep"), cat("dense_macs"),
+                   parts[0].controller_macs, cat("hidden") if parts[0].hidden is not None else None, extras)

@@ -1,0 +1,148 @@
+"""The shared dense prefix: the part of every scored episode that no controller decides.
+
+With a dense refresh every ``E`` steps (``sol.runtime``), episode k of a block starts from exactly the dense model's
+KV cache over its first ``context + k·E`` tokens, whatever the controller did before. One dense teacher-forced pass
+over a block set therefore serves every controller, budget, baseline, oracle and study of a run:
+
+    prefill blocks[:, :C]                       → KV, and the state before episode 0's first step
+    extend  blocks[:, C + (k−1)E : C + kE]      → KV, and the state before episode k's first step   (k = 1..n−1)
+
+These are the very calls the sequential runtime makes (prefill, then one dense replay per finished episode), so an
+episode started from the prefix computes what it computes in a sequential rollout. Once the prefix exists, the
+(block, episode) pairs are independent and run as the rows of large batches (``Runtime.score``). Without refresh
+(one episode per block) the context prefill is still shared.
+
+A prefix lives in memory for the process (a few, least recently used first out) and on disk under
+``$SOL_CACHE/prefix/``, keyed by everything it depends on: the model's weights (a fingerprint, so a weight-quantised
+or head-pruned copy gets its own), dtype, the blocks' tokens, context and episode length. It does not depend on the
+action settings (a dense pass takes no action). ``SOL_PREFIX_CACHE=0`` turns the disk copy off.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from sol.engine import Engine, KVCache
+from sol.io import atomic_path
+
+_MEMORY: OrderedDict = OrderedDict()
+_MEMORY_ENTRIES = 4
+
+
+@dataclass
+class DensePrefix:
+    """Dense KV of blocks [N, C + T + 1] up to the last episode start, and the state before every episode."""
+
+    k: list[torch.Tensor]      # per layer [N, Hkv, C + (n_episodes − 1)·E, hd]
+    v: list[torch.Tensor]
+    hidden: torch.Tensor       # [N, n_episodes, D] final-norm hidden state of the position before episode k
+    context: int
+    episode: int
+    steps: int                 # T scored steps per block
+
+    @property
+    def n_episodes(self) -> int:
+        return self.hidden.shape[1]
+
+    def episode_start(self, k: int) -> int:
+        """Tokens of dense context before episode k's first step."""
+        return self.context + k * self.episode
+
+    def episode_steps(self, k: int) -> int:
+        return min(self.episode, self.steps - k * self.episode)
+
+    def start(self, engine: Engine, rows: torch.Tensor, k: int, capacity: int) -> tuple[KVCache, torch.Tensor,
+                                                                                          torch.Tensor]:
+        """(cache, last logits, last hidden) of ``rows`` at the start of episode k: what ``Runtime.rollout(start=)``
+        continues from. The cache is a fresh copy; the prefix itself is never written."""
+        L = self.episode_start(k)
+        cache = engine.new_cache(len(rows), max(capacity, L + 1))
+        idx = rows.to(self.k[0].device)
+        for dst, src in zip(cache.k + cache.v, self.k + self.v):
+            dst[:, :, :L] = src.index_select(0, idx)[:, :, :L].to(dst.device)
+        cache.length = L
+        hidden = self.hidden[idx, k].to(engine.device)
+        return cache, engine.lm_head(hidden), hidden
+
+
+def fingerprint(engine: Engine) -> str:
+    """A stable digest of the engine's weights (names, shapes, dtypes and a strided sample of every tensor)."""
+    if getattr(engine, "_sol_fingerprint", None) is None:
+        h = hashlib.sha256()
+        for name, p in engine.hf.state_dict().items():
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+        engine._sol_fingerprint = h.hexdigest()
+    return engine._sol_fingerprint
+
+
+def _key(engine: Engine, blocks: torch.Tensor, context: int, episode: int) -> str:
+    h = hashlib.sha256(f"{fingerprint(engine)}|{engine.dtype}|{tuple(blocks.shape)}|{context}|{episode}".encode())
+    h.update(blocks.cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _disk_path(key: str):
+    from sol.models import cache_dir
+
+    return cache_dir() / "prefix" / f"{key}.pt"
+
+
+def compute(engine: Engine, blocks: torch.Tensor, context: int, episode: int, batch: int = 8) -> DensePrefix:
+    """The dense pass itself (no caching): one prefill and n−1 episode replays per chunk of ``batch`` blocks."""
+    N, n = blocks.shape
+    T = n - context - 1
+    E = episode or T
+    n_ep = -(-T // E)
+    L = context + (n_ep - 1) * E
+    ks, vs, hs = [], [], []
+    for i in tqdm(range(0, N, batch), desc="dense prefix", leave=False):
+        chunk = blocks[i:i + batch].to(engine.device)
+        cache = engine.new_cache(chunk.shape[0], L + 1)
+        hidden = []
+        _, h = engine.extend(chunk[:, :context], cache, last_only=True)
+        hidden.append(h[:, -1])
+        for k in range(1, n_ep):
+            _, h = engine.extend(chunk[:, context + (k - 1) * E:context + k * E], cache, last_only=True)
+            hidden.append(h[:, -1])
+        ks.append([t[:, :, :L].cpu() for t in cache.k])
+        vs.append([t[:, :, :L].cpu() for t in cache.v])
+        hs.append(torch.stack(hidden, 1).cpu())
+    cat = lambda parts: [torch.cat(layer) for layer in zip(*parts)]  # noqa: E731
+    return DensePrefix(cat(ks), cat(vs), torch.cat(hs), context, E, T)
+
+
+def dense_prefix(engine: Engine, blocks: torch.Tensor, context: int, episode: int | None, batch: int = 8
+                 ) -> DensePrefix:
+    """The shared dense prefix of ``blocks`` (memory, then disk, then :func:`compute`)."""
+    T = blocks.shape[1] - context - 1
+    episode = min(episode or T, T)
+    key = _key(engine, blocks, context, episode)
+    if key in _MEMORY:
+        _MEMORY.move_to_end(key)
+        return _MEMORY[key]
+    path = _disk_path(key)
+    use_disk = os.environ.get("SOL_PREFIX_CACHE", "1") != "0"
+    pre = None
+    if use_disk and path.is_file():
+        try:
+            d = torch.load(path, weights_only=True)
+            pre = DensePrefix(d["k"], d["v"], d["hidden"], int(d["context"]), int(d["episode"]), int(d["steps"]))
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            pre = None
+    if pre is None:
+        pre = compute(engine, blocks, context, episode, batch)
+        if use_disk:
+            with atomic_path(path) as tmp:
+                torch.save({"k": pre.k, "v": pre.v, "hidden": pre.hidden, "context": pre.context,
+                            "episode": pre.episode, "steps": pre.steps}, tmp)
+    _MEMORY[key] = pre
+    while len(_MEMORY) > _MEMORY_ENTRIES:
+        _MEMORY.popitem(last=False)
+    return pre
