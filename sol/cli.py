@@ -84,7 +84,7 @@ def cmd_eval_ppl(args) -> None:
                                                    max_blocks=16))
     summary, per_block = eval_ppl(model, args.model, blocks, args.controller, args.budget, args.context,
                                   args.episode or args.steps, args.batch, settings, args.seed, calibration,
-                                  time_steps=args.time, mode=args.mode)
+                                  time_steps=args.time, mode=args.mode, memory_gb=args.memory_gb)
     if args.paper_baselines:
         from sol.evaluate import paper_baselines
         from sol.registry import build
@@ -93,12 +93,12 @@ def cmd_eval_ppl(args) -> None:
         if not pols:
             raise SolError("--paper-baselines needs a policy:PATH or policy-tracked:PATH controller")
         grid = build(pols[0], args.model).grid  # baselines match the first policy listed
-        selection = torch.from_numpy(data.blocks(args.data, "validation", tok, args.context + args.steps + 1,
-                                                 max_blocks=args.selection_blocks))
+        selection = _sample(torch.from_numpy(data.blocks(args.data, "validation", tok, args.context + args.steps + 1)),
+                            args.selection_blocks, args.seed)
         extra, extra_blocks = paper_baselines(model, args.model, summary, blocks, selection, grid,
                                               args.context, args.episode or args.steps, args.batch,
                                               args.paper_baselines, settings, args.seed, args.select_on_eval,
-                                              primary=pols[0].split(":", 1)[0])
+                                              primary=pols[0].split(":", 1)[0], memory_gb=args.memory_gb)
         summary = pd.concat([summary, extra], ignore_index=True)
         per_block = pd.concat([per_block, extra_blocks], ignore_index=True)
     cols = ["method", "budget", "ppl", "ppl_lo", "ppl_hi", "flop_keep", "total_keep", "net_keep", "tokens"]
@@ -174,10 +174,16 @@ def _text_blocks(args, tok, length: int):
 
     from sol import data
 
-    b = torch.from_numpy(data.blocks(args.data, args.split, tok, length))
-    if args.blocks:
-        b = b[torch.randperm(len(b), generator=torch.Generator().manual_seed(args.seed))[:args.blocks]]
-    return b
+    return _sample(torch.from_numpy(data.blocks(args.data, args.split, tok, length)), args.blocks, args.seed)
+
+
+def _sample(blocks, n: int, seed: int):
+    """A seeded random sample of ``n`` blocks (all when n is 0): drawn across the split's documents, not its first."""
+    import torch
+
+    if not n:
+        return blocks
+    return blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:n]]
 
 
 def _mmlu_blocks(tok, n: int, seed: int):
@@ -375,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--context", type=int, default=256)
     e.add_argument("--steps", type=int, default=64, help="scored decode steps per block")
     e.add_argument("--episode", type=int, default=16, help="dense refresh every N steps (0: never)")
-    e.add_argument("--batch", type=int, default=8)
+    e.add_argument("--batch", type=int, default=8, help="blocks per timed step (--time)")
+    e.add_argument("--memory-gb", type=float, default=2.0,
+                   help="memory for one batch of rows (KV caches + step buffers); sets the rows per batch")
     e.add_argument("--dtype", default="float32")
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=None)
@@ -388,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--paper-baselines", type=int, default=0, metavar="N",
                    help="at each policy budget also run matched, EMC, DAC and N random permutations (best-of-N "
                         "selected on the validation split)")
-    e.add_argument("--selection-blocks", type=int, default=16, help="validation blocks for best-of-N selection")
+    e.add_argument("--selection-blocks", type=int, default=16, help="validation blocks for best-of-N and static-best selection (a seeded sample across documents)")
     e.add_argument("--select-on-eval", action="store_true",
                    help="reference behaviour: pick best-of-N on the evaluation blocks themselves (optimistic)")
     e.add_argument("--time", action="store_true", help="time every decode step; report the ratio to dense")

@@ -13,19 +13,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from sol.actions import ActionSettings
 from sol.bench import StepTimer
 from sol.controllers import Controller, FixedAction, StepState
 from sol.engine import Engine
 from sol.registry import Built, build
-from sol.runtime import Runtime
+from sol.runtime import Runtime, rows_for_memory
 from sol.stats import paired_diff_ci, ppl_with_ci
 
 
 def run_blocks(runtime: Runtime, built: Built, blocks: torch.Tensor, budget: float, context: int, episode: int,
-               batch: int, desc: str = "", max_rows: int = 64) -> dict[str, np.ndarray]:
+               batch: int, max_rows: int = 64, desc: str = "") -> dict[str, np.ndarray]:
     """Per-block arrays: nll [N, T], flop_keep / total_keep / token_keep / prune_keep / bits [N].
 
     Scored through the shared dense prefix (``Runtime.score``, rows of at most ``max_rows``). With a step timer the
@@ -33,7 +32,8 @@ def run_blocks(runtime: Runtime, built: Built, blocks: torch.Tensor, budget: flo
     if hasattr(built.controller, "prepare"):  # oracles that look at the whole block set first
         built.controller.prepare(runtime, blocks, budget, context, episode, max_rows)
     timed = runtime.timer is not None
-    ro = runtime.score(blocks, built.controller, budget, context, episode, max_rows=batch if timed else max_rows)
+    ro = runtime.score(blocks, built.controller, budget, context, episode, max_rows=batch if timed else max_rows,
+                       desc=desc or built.controller.name)
     out = {"nll": ro.nll.numpy(), "flop_keep": ro.mean_flop_keep().numpy(), "total_keep": ro.mean_total_keep().numpy()}
     for axis, v in runtime.axis_usage(ro.actions[:, ro.effective]).items():
         out[axis] = v.mean(1).numpy()
@@ -83,8 +83,10 @@ def keep_floor(runtime: Runtime, grid, context: int, steps: int) -> float:
 
 def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], budgets: list[float], context: int,
              episode: int, batch: int = 8, settings: ActionSettings | None = None, seed: int = 0,
-             calibration: torch.Tensor | None = None, time_steps: bool = False, mode: str = "simulate"):
-    """Returns (summary DataFrame, per-block DataFrame). ``calibration``: blocks for head importance (not ``blocks``)."""
+             calibration: torch.Tensor | None = None, time_steps: bool = False, mode: str = "simulate",
+             memory_gb: float = 2.0):
+    """Returns (summary DataFrame, per-block DataFrame). ``calibration``: blocks for head importance (not ``blocks``).
+    Rows per batch come from ``memory_gb`` (``rows_for_memory``); ``batch`` blocks per timed step."""
     settings = settings or ActionSettings()
     rows, per_block = [], []
     engines = {}
@@ -98,7 +100,9 @@ def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], bud
                  } if built.uses_budget else {}
         for budget in (budgets if built.uses_budget else [1.0]):
             torch.manual_seed(seed)
-            r = run_blocks(runtime, built, blocks, budget, context, episode, batch, desc=f"{built.controller.name} {budget:g}")
+            r = run_blocks(runtime, built, blocks, budget, context, episode, batch,
+                           max_rows=rows_for_memory(runtime.engine, blocks.shape[1] + 1, memory_gb),
+                           desc=f"{built.controller.name} {budget:g}")
             method = built.controller.name
             rows.append(summary_row(method, budget if built.uses_budget else np.nan, r, model_name, seed, **extra))
             per_block += block_rows(method, rows[-1]["budget"], r)
@@ -143,7 +147,7 @@ def static_sweep(runtime: Runtime, grid, blocks: torch.Tensor, context: int, epi
 
 def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch.Tensor, selection: torch.Tensor, grid, context: int, episode: int, batch: int = 8, n_random: int = 5,
                     settings: ActionSettings | None = None, seed: int = 0, select_on_eval: bool = False,
-                    primary: str = "policy"):
+                    primary: str = "policy", memory_gb: float = 2.0):
     """The reference's schedule baselines at every policy operating point (reference §8): the matched two-level mix
     at the policy's realised per-axis averages, N random permutations of it (best-of-N chosen on ``selection``
     blocks — a held-out split — unless ``select_on_eval``, the reference's optimistic choice), EMC and DAC. Plus
@@ -158,7 +162,8 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch
     runtime = Runtime(engine, grid)
     rows, blocks_out = [], []
     pol = summary[summary.method == primary]
-    sweep = static_sweep(runtime, grid, selection, context, episode) if len(pol) else None
+    max_rows = rows_for_memory(engine, blocks.shape[1] + 1, memory_gb)
+    sweep = static_sweep(runtime, grid, selection, context, episode, max(max_rows, len(grid))) if len(pol) else None
     for _, p in pol.iterrows():
         targets = {"token_keep": p.token_keep, "prune_keep": p.prune_keep, "bits": p.bit_ratio * 16}
         point = float(p.budget)
@@ -167,17 +172,17 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch
         randoms = [(f"random:seed={seed + i}", RandomPermutation(grid, targets, seed=seed + i)) for i in range(n_random)]
         sel_ppl = {}
         for name, ctrl in randoms:
-            r = run_blocks(runtime, Built(ctrl, grid), selection, 1.0, context, episode, batch, desc=f"select {name}")
+            r = run_blocks(runtime, Built(ctrl, grid), selection, 1.0, context, episode, batch, max_rows)
             sel_ppl[name] = float(np.exp(r["nll"].mean()))
         for name, ctrl in candidates + randoms:
-            r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, desc=f"{name}@{point:g}")
+            r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, max_rows)
             rows.append(summary_row(name, point, r, model_name, seed, selection_ppl=sel_ppl.get(name, np.nan)))
             blocks_out += block_rows(name, point, r)
         affordable = sweep[sweep.flop_keep <= p.flop_keep + 1e-9]
         if len(affordable):
             best_static = affordable.loc[affordable.nll.idxmin()]
             ctrl = FixedAction(grid, grid[int(best_static.action)])
-            r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, desc=f"static-best@{point:g}")
+            r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, max_rows)
             rows.append(summary_row("static-best", point, r, model_name, seed, selected=best_static.tag,
                                     selection_ppl=float(np.exp(best_static.nll)), selected_on="selection split"))
             blocks_out += block_rows("static-best", point, r)

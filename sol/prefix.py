@@ -146,3 +146,15 @@ def dense_prefix(engine: Engine, blocks: torch.Tensor, context: int, episode: in
     while len(_MEMORY) > _MEMORY_ENTRIES:
         _MEMORY.popitem(last=False)
     return pre
+
+
+@torch.no_grad()
+def dense_log_distributions(engine: Engine, pre: DensePrefix, blocks: torch.Tensor) -> torch.Tensor:
+    """[N, T, V] the dense model's next-token log-distributions at every scored step of a one-episode prefix: one
+    teacher-forced multi-token pass from the prefix (the KL reward's reference)."""
+    if pre.n_episodes != 1:
+        raise ValueError("dense_log_distributions needs a one-episode prefix")
+    rows = torch.arange(blocks.shape[0])
+    cache, _, _ = pre.start(engine, rows, 0, blocks.shape[1] + 1)
+    logits, _ = engine.extend(blocks[:, pre.context:pre.context + pre.steps].to(engine.device), cache)
+    return logits.float().log_softmax(-1).cpu()

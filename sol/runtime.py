@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from sol.actions import ActionGrid
 from sol.controllers import Controller, StepState
@@ -52,6 +53,15 @@ class Rollout:
         eff = self.effective.float()
         extra = self.controller_macs / self.dense_macs
         return ((self.flop_keep + extra) * eff).sum(1) / eff.sum().clamp_min(1)
+
+
+def rows_for_memory(engine: Engine, capacity: int, memory_gb: float) -> int:
+    """Batch rows that fit in ``memory_gb``: each row holds its KV cache at ``capacity`` slots and a few
+    vocabulary-sized step buffers (logits, log-softmax). At least 1."""
+    el = torch.finfo(engine.dtype).bits // 8
+    per_row = 2 * len(engine.layers) * engine.n_kv * engine.head_dim * capacity * el
+    per_row += 8 * engine.lm_head.out_features * 4
+    return max(1, int(memory_gb * 2 ** 30 // per_row))
 
 
 class Runtime:
@@ -264,7 +274,7 @@ class Runtime:
     @torch.no_grad()
     def score(self, blocks: torch.Tensor, controller: Controller, budget: torch.Tensor | float, context: int,
               episode: int | None = None, max_rows: int = 64, rollouts: int = 1, keep_distributions: bool = False,
-              record_hidden: bool = False, prefix=None) -> Rollout:
+              record_hidden: bool = False, prefix=None, desc: str | None = None) -> Rollout:
         """What ``rollout(blocks, ...)`` computes, with the dense prefix shared (``sol.prefix``): every episode starts
         from the dense cache of its block, so the (block, episode) pairs run as the rows of batches of at most
         ``max_rows`` rows, episode by episode, and no controller re-runs the prefill or the dense replays. Records
@@ -292,9 +302,11 @@ class Runtime:
         acts, dense = torch.empty(B, T, dtype=torch.long), torch.empty(B, T, dtype=torch.float64)
         dists = hidden = None
         macs = 0
+        bar = tqdm(total=pre.n_episodes * -(-N // per), desc=desc, leave=False, disable=desc is None)
         for k in range(pre.n_episodes):
             L, S, t0 = pre.episode_start(k), pre.episode_steps(k), k * E
             for i in range(0, N, per):
+                bar.update()
                 rows = torch.arange(i, min(N, i + per))
                 ro = self.rollout(blocks[rows], controller, part(rows), L, episode=E, n_steps=S, row_ids=rows,
                                   offset=t0, start=pre.start(self.engine, rows, k, n + 1), **kw)
@@ -311,6 +323,7 @@ class Runtime:
                         hidden = torch.empty(B, T, ro.hidden.shape[-1])
                     hidden[out, t0:t0 + S] = ro.hidden
                 macs = ro.controller_macs
+        bar.close()
         extras = {"greedy": greedy} | ({"log_distributions": dists} if keep_distributions else {})
         return Rollout(logp, acts, torch.ones(T, dtype=torch.bool), keep, dense, macs, hidden, extras)
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from sol.actions import GRIDS, ActionGrid, ActionSettings, grid_from
 from sol.config import config_hash, from_dict, load_yaml
-from sol.controllers import Dense
+from sol import prefix
 from sol.cost import CostModel
 from sol.engine import Engine
 from sol.errors import SolError
@@ -299,11 +299,13 @@ class Trainer:
             targets = targets.repeat_interleave(K, 0)
             ctrl.set_targets(targets)
         budget = flop.repeat_interleave(K, 0)
-        ro = self.runtime.rollout(blocks, ctrl, budget, c.context, rollouts=K, keep_distributions=c.kl_weight > 0)
+        # one dense prefill per block serves its K rollouts and the dense reference of the KL reward
+        pre = prefix.compute(self.engine, blocks, c.context, c.episode)
+        ro = self.runtime.score(blocks, ctrl, budget, c.context, c.episode, max_rows=len(budget), rollouts=K,
+                                keep_distributions=c.kl_weight > 0, prefix=pre)
         r = c.logp_weight * ro.logprobs
         if c.kl_weight > 0:
-            dense = self.runtime.rollout(blocks, Dense(self.grid), 1.0, c.context, keep_distributions=True)
-            p_dense = dense.extras["log_distributions"].repeat_interleave(K, 0)
+            p_dense = prefix.dense_log_distributions(self.engine, pre, blocks).repeat_interleave(K, 0)
             kl = (p_dense.exp() * (p_dense - ro.extras["log_distributions"])).sum(-1)
             r = r - c.kl_weight * kl
         if c.budget_mode == "flop":

@@ -172,7 +172,7 @@ def test_static_sweep_equals_each_fixed_action_alone():
     grid = ActionGrid(token_keep=(0.5, 1.0), prune_keep=(0.5, 1.0), bits=(6, 16))
     runtime = Runtime(Engine(model), grid)
     blocks = torch.randint(0, 300, (3, 49), generator=torch.Generator().manual_seed(0))
-    sweep = static_sweep(runtime, grid, blocks, 32, 8, batch=2)
+    sweep = static_sweep(runtime, grid, blocks, 32, 8, max_rows=2 * len(grid))
     assert len(sweep) == len(grid)
     for a in range(len(grid)):
         ro = runtime.rollout(blocks, FixedAction(grid, grid[a]), 1.0, 32, episode=8)
