@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--policy", default="results/policy/policy.pt")
     ap.add_argument("--budget", type=float, default=0.7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mmlu-per-subject", type=int, default=1, help="MMLU questions per subject (0: skip MMLU)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.environ["SOL_PREFIX_CACHE"] = "0"  # time the dense pass, never a disk hit
@@ -85,6 +86,25 @@ def main() -> None:
                        "bits": usage["bit_ratio"] * 16}
             measure("matched", Matched(grid, targets), grid)
 
+    mmlu_rows = []
+    if a.mmlu_per_subject:
+        from sol import mmlu
+        from sol.lm_eval_model import SolLM
+        from sol.models import cache_dir
+
+        tasks = mmlu.prepare(cache_dir() / "mmlu")
+        for keep in (False, True):  # today: every controller prefills every question; shared: the first one does
+            prefix.CONTEXTS.clear()
+            for s in specs:
+                if not keep:
+                    prefix.CONTEXTS.clear()
+                lm = SolLM(model=a.model, controller=s, pretrained=model, tokenizer=tok, episode=a.episode)
+                lm.budget = a.budget
+                t0 = time.perf_counter()
+                summary, _ = mmlu.evaluate(lm, tasks, "sol_mmlu_continuation", a.mmlu_per_subject)
+                mmlu_rows.append((keep, lm.built.controller.name, summary["questions"] / (time.perf_counter() - t0),
+                                  summary["acc"]))
+
     print(f"model {a.model}, {N} blocks x {a.steps} scored steps (context {a.context}, episode {a.episode}), "
           f"{a.threads} thread(s), batch {a.batch} (sequential) / {a.max_rows} rows (shared)")
     print(f"plain HF teacher-forced forward: {hf_tps:.1f} tokens/s over {N} x {n} tokens")
@@ -94,6 +114,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, old, new, diff in rows:
         print(f"| {name} | {old:.1f} | {new:.1f} | {new / old:.2f}x | {new / hf_tps:.3f} | {diff:.1e} |")
+
+
+
+    if mmlu_rows:
+        print()
+        print("| MMLU controller | questions/s, each prefills | questions/s, contexts shared | speedup | acc (same) |")
+        print("|---|---|---|---|---|")
+        half = len(mmlu_rows) // 2
+        for (_, name, old, acc0), (_, _, new, acc1) in zip(mmlu_rows[:half], mmlu_rows[half:]):
+            print(f"| {name} | {old:.2f} | {new:.2f} | {new / old:.2f}x | {acc0:.4f} / {acc1:.4f} |")
+        print("(the first controller of an invocation prefills every context either way)")
 
 
 if __name__ == "__main__":

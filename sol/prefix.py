@@ -158,3 +158,38 @@ def dense_log_distributions(engine: Engine, pre: DensePrefix, blocks: torch.Tens
     cache, _, _ = pre.start(engine, rows, 0, blocks.shape[1] + 1)
     logits, _ = engine.extend(blocks[:, pre.context:pre.context + pre.steps].to(engine.device), cache)
     return logits.float().log_softmax(-1).cpu()
+
+
+class ContextMemo:
+    """Dense prefills of single contexts, shared by every controller of a process (MMLU: the question context of a
+    request group is the same for every controller, budget and baseline). Keyed by the engine's weights fingerprint
+    and the context's tokens; holds per layer the context's keys and values, its last logits and hidden state.
+    Entries are kept first come, first kept, up to ``SOL_PREFIX_MEMORY_GB`` (default 4): controllers visit the
+    contexts in the same order, so evicting the oldest would evict every entry before its reuse."""
+
+    def __init__(self):
+        self.entries: dict = {}
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    @property
+    def limit(self) -> float:
+        return float(os.environ.get("SOL_PREFIX_MEMORY_GB", "4")) * 2 ** 30
+
+    def get(self, engine: Engine, tokens: tuple):
+        hit = self.entries.get((fingerprint(engine), tokens))
+        self.hits += hit is not None
+        self.misses += hit is None
+        return hit
+
+    def put(self, engine: Engine, tokens: tuple, kv: list[torch.Tensor], logits: torch.Tensor, hidden: torch.Tensor):
+        size = sum(t.numel() * t.element_size() for t in kv) + logits.numel() * logits.element_size()
+        if self.bytes + size <= self.limit:
+            self.entries[(fingerprint(engine), tokens)] = (kv, logits, hidden)
+            self.bytes += size
+
+    def clear(self):
+        self.__init__()
+
+
+CONTEXTS = ContextMemo()

@@ -200,6 +200,7 @@ def headroom_table(res: Path, primary: str = "policy") -> pd.DataFrame | None:
     if any(x is None for x in (ppl, blocks, uni, ublocks, orc, oblocks)):
         return None
     allb = pd.concat([blocks, ublocks, oblocks], ignore_index=True).drop_duplicates(["method", "budget", "block"])
+    allb = allb[allb.block.isin(oblocks.block.unique())]  # the oracle scores the first blocks of the same sample
     ufront = _true_uniform_front(uni)
     # an oracle at budget 1 is the dense model: dense closes the oracle's front on the right
     ofront = pd.concat([orc, uni[uni.method == "dense"]]).sort_values("flop_keep").reset_index(drop=True)

@@ -24,6 +24,7 @@ from sol.actions import ActionGrid
 from sol.controllers import Controller, StepState
 from sol.cost import CostModel
 from sol.engine import Engine
+from sol.prefix import CONTEXTS
 
 
 @dataclass
@@ -101,7 +102,8 @@ class Runtime:
         """Left-padded prefill. Every distinct context is prefilled once (batch 1, no pad compute) into one of its
         rows and copied into the others; contexts are visited in token order, and the prefix a context shares with the
         previous one (≥ ``min_shared`` tokens: a task header, few-shot exemplars) is copied instead of recomputed —
-        RoPE positions count from each row's first token, so a prefix's keys do not depend on the padding.
+        RoPE positions count from each row's first token, so a prefix's keys do not depend on the padding. A context
+        prefilled before in this process (by another controller: ``sol.prefix.CONTEXTS``) is copied, not recomputed.
         Returns (cache with ``pad``, last logits [B, V], last hidden [B, D])."""
         e = self.engine
         B = blocks.shape[0]
@@ -115,6 +117,17 @@ class Runtime:
         for ctx, p in sorted(groups):
             rows = groups[(ctx, p)]
             r = rows[0]
+            hit = CONTEXTS.get(e, ctx)  # prefilled before, by another controller of this process
+            if hit is not None:
+                kv, lg, hid = hit
+                for full, src in zip(cache.k + cache.v, kv):
+                    full[rows, :, :p] = 0
+                    full[rows, :, p:context] = src
+                if logits is None:
+                    logits, hidden = lg.new_empty(B, lg.shape[-1]), hid.new_empty(B, hid.shape[-1])
+                logits[rows], hidden[rows] = lg, hid
+                prev = (ctx, r)
+                continue
             shared = len(os.path.commonprefix([ctx, prev[0]])) if prev else 0
             shared = min(shared, len(ctx) - 1) if shared >= min_shared else 0  # ≥ 1 token left to compute
             one = cache.rows(r, r + 1)  # a view: the prefill writes into row r itself
@@ -133,6 +146,8 @@ class Runtime:
                 others = torch.tensor(rows[1:], dtype=torch.long, device=e.device)
                 for t in cache.k + cache.v:
                     t[others, :, :context] = t[r, :, :context]
+            CONTEXTS.put(e, ctx, [t[r, :, p:context].clone() for t in cache.k + cache.v], lg[0, -1].clone(),
+                         hid[0, -1].clone())
             prev = (ctx, r)
         return cache, logits, hidden
 
@@ -288,7 +303,8 @@ class Runtime:
         N, n = blocks.shape
         T = n - context - 1
         E = min(episode or T, T)
-        per = max(1, max_rows // rollouts)  # blocks per batch
+        per = max(1, max_rows // rollouts)  # blocks per batch, balanced: 128 blocks in 2 batches of 64, not 125 + 3
+        per = -(-N // -(-N // per))
         budget = torch.as_tensor(budget, dtype=torch.float32)
         part = lambda rows: budget if budget.numel() == 1 else budget.view(N, rollouts)[rows].reshape(-1)  # noqa: E731
         kw = dict(rollouts=rollouts, keep_distributions=keep_distributions, record_hidden=record_hidden)

@@ -124,3 +124,28 @@ def test_forced_dense_first_steps_fall_back_to_sequential(tiny_llama, blocks):
     lp0, a0, _ = _sequential(rt, blocks, make, 0.6, 4, batch=2)
     lp1, a1, _ = _shared(rt, blocks, make, 0.6, 4, max_rows=8)
     assert torch.equal(a0, a1) and torch.allclose(lp0, lp1, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["simulate", "compute"])
+def test_context_memo_serves_later_controllers_bitwise(tiny, mode):
+    """Ragged MMLU-style rows: a context prefilled by one controller is copied for the next, and every controller
+    gets exactly what it gets with an empty memo."""
+    g = torch.Generator().manual_seed(5)
+    lengths, L, T = [9, 14, 6, 14], 14, 5
+    rows = [torch.randint(0, 300, (n + T + 1,), generator=g) for n in lengths]
+    rows[3][:14] = rows[1][:14]  # a context shared by two rows
+    blocks = torch.stack([torch.cat([torch.zeros(L - n, dtype=torch.long), r]) for n, r in zip(lengths, rows)])
+    pad = torch.tensor([L - n for n in lengths])
+    steps = torch.tensor([5, 4, 3, 2])
+    grid = grid_from("J-3L")
+    rt = Runtime(Engine(tiny, ActionSettings(page_size=4, sinks=1, window=2), mode), grid)
+    specs = [lambda: Dense(grid), lambda: Matched(grid, TARGETS), lambda: _policy(grid, tiny.config.hidden_size, True)]
+    alone = []
+    for make in specs:
+        prefix.CONTEXTS.clear()
+        alone.append(rt.rollout(blocks, make(), 0.6, L, episode=3, pad=pad, steps=steps))
+    prefix.CONTEXTS.clear()
+    for make, ref in zip(specs, alone):
+        ro = rt.rollout(blocks, make(), 0.6, L, episode=3, pad=pad, steps=steps)
+        assert torch.equal(ro.logprobs, ref.logprobs) and torch.equal(ro.actions, ref.actions)
+    assert prefix.CONTEXTS.misses == 3 and prefix.CONTEXTS.hits == 6  # 3 distinct contexts, 2 later controllers

@@ -1,3 +1,5 @@
+import os
+
 # Shared settings. Every command string is built here in Python, so rules stay one line of `sol ...` each.
 CONFIG_FILE = str(workflow.overwrite_configfiles[-1]) if workflow.overwrite_configfiles else "workflow/configs/default.yaml"
 OUT = config["out"]
@@ -8,8 +10,18 @@ ST = config["studies"]
 DEVICE = config.get("device", "cpu")
 
 
-def env(threads):
-    """A rule's threads set its OpenMP threads (two processes spinning on 2 cores slow each other ~40x)."""
+# Threads. Small decode ops run slower with more intra-op threads on CPU (one eval, measured on the 2-core machine:
+# 25.8 s with 1 thread, 33.1 s with 2, 40.3 s with 8), so every rule runs `threads` (config key, default 1, set by
+# that measurement) and rules run side by side. A job claims SLOT scheduler cores: with --cores above this machine's
+# CPU count (`snakemake --cores 8` on a 2-core machine) each job claims cores/CPUs of them, so at most one job per CPU
+# runs at a time and the machine is never oversubscribed.
+THREADS = int(config.get("threads", 1))
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+SLOT = max(1, -(-workflow.cores // CPUS) * THREADS) if workflow.cores else THREADS
+
+
+def env(threads=THREADS):
+    """A rule's OpenMP threads (two processes spinning on 2 cores slow each other ~40x)."""
     return f"OMP_NUM_THREADS={threads} OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE={1 if config.get('offline', True) else 0}"
 
 
@@ -22,9 +34,11 @@ def quoted(xs):
 
 
 TEXT = (f"--model {MODEL} --data {config['data']} --context {EV['context']} --steps {EV['steps']} "
-        f"--episode {EV['episode']} --blocks {EV['blocks']} --batch {EV['batch']} --device {DEVICE}")
+        f"--episode {EV['episode']} --blocks {EV['blocks']} --batch {EV['batch']} --memory-gb {EV.get('memory_gb', 2)} "
+        f"--device {DEVICE}")
 CMD = {
-    "eval_ppl": f"sol eval ppl {TEXT} --budget {words(EV['budgets'])} --paper-baselines {EV['random_trials']}",
+    "eval_ppl": (f"sol eval ppl {TEXT} --budget {words(EV['budgets'])} --paper-baselines {EV['random_trials']} "
+                 f"--selection-blocks {EV.get('selection_blocks', 16)}"),
     "eval_uniform": f"sol eval ppl {TEXT} --controller dense {quoted(EV['uniform'])}",
     "eval_mmlu": (f"sol eval mmlu --model {MODEL} --budget {words(MM['budgets'])} --paper-baselines --style "
                   f"{MM['style']} --shots {MM['shots']} --per-subject {MM['per_subject']} --episode {EV['episode']} "
@@ -38,8 +52,9 @@ CMD = {
     "timeline": (f"sol timeline --model {MODEL} --data {config['data']} --context {EV['context']} --steps {EV['steps']} "
                  f"--episode {EV['episode']} --budget {ST['timeline_budget']} --device {DEVICE} --out {OUT}"),
     # all blocks in one batch: the oracle's |grid|·H probe steps per decode step dominate, wider steps amortise them
-    "eval_oracle": (f"sol eval ppl {TEXT} --batch {EV['blocks']} --budget {words(EV.get('oracle_budgets', EV['budgets']))} "
-                    f"--controller '{EV.get('oracle', '')}'"),
+    # the oracle scores the first oracle_blocks blocks of the same seeded sample (block ids pair with the others)
+    "eval_oracle": (f"sol eval ppl {TEXT} --blocks {EV.get('oracle_blocks', EV['blocks'])} "
+                    f"--budget {words(EV.get('oracle_budgets', EV['budgets']))} --controller '{EV.get('oracle', '')}'"),
     "headroom": (f"sol study headroom --model {MODEL} --data {config['data']} --device {DEVICE} "
                  f"--out {OUT}/headroom"),
     "report": f"sol report --results {OUT} --config {CONFIG_FILE} --model {MODEL} --primary {EV['primary']}",

@@ -7,9 +7,9 @@ rule eval_ppl:
         blocks=f"{OUT}/ppl.blocks.csv",
     log:
         f"{OUT}/logs/eval_ppl.log",
-    threads: workflow.cores
+    threads: SLOT
     params:
-        env=lambda wc, threads: env(threads),
+        env=env(),
         cmd=CMD["eval_ppl"],
         primary=EV["primary"],
         secondary=lambda wc, input: f"{EV['secondary']}:{input.policy}" if EV.get("secondary") else "",
@@ -25,9 +25,9 @@ rule eval_uniform:
         blocks=f"{OUT}/ppl_uniform.blocks.csv",
     log:
         f"{OUT}/logs/eval_uniform.log",
-    threads: workflow.cores
+    threads: SLOT
     params:
-        env=lambda wc, threads: env(threads),
+        env=env(),
         cmd=CMD["eval_uniform"],
     shell:
         "{params.env} {params.cmd} --out {output.csv} > {log} 2>&1"
@@ -40,9 +40,9 @@ rule eval_oracle:
         blocks=f"{OUT}/ppl_oracle.blocks.csv",
     log:
         f"{OUT}/logs/eval_oracle.log",
-    threads: workflow.cores
+    threads: SLOT
     params:
-        env=lambda wc, threads: env(threads),
+        env=env(),
         cmd=CMD["eval_oracle"],
     shell:
         "{params.env} {params.cmd} --out {output.csv} > {log} 2>&1"
@@ -54,9 +54,9 @@ rule headroom:
         f"{OUT}/headroom/headroom_{{tag}}.csv",
     log:
         f"{OUT}/logs/headroom_{{tag}}.log",
-    threads: workflow.cores
+    threads: SLOT
     params:
-        env=lambda wc, threads: env(threads),
+        env=env(),
         cmd=CMD["headroom"],
         opts=lambda wc: HEADROOM[wc.tag],
     shell:
@@ -72,9 +72,9 @@ rule eval_mmlu:
         questions=f"{OUT}/mmlu.questions.csv",
     log:
         f"{OUT}/logs/eval_mmlu.log",
-    threads: workflow.cores
+    threads: SLOT
     params:
-        env=lambda wc, threads: env(threads),
+        env=env(),
         cmd=CMD["eval_mmlu"],
         uniform=quoted(MM["uniform"]),
         primary=EV["primary"],
@@ -84,14 +84,15 @@ rule eval_mmlu:
 
 
 rule bench:
-    """FLOPs and wall-clock per decode step for each action (1 thread: timings need a quiet core)."""
+    """FLOPs and wall-clock per decode step for each action (1 thread, and it claims every scheduler core: timings
+    need a quiet machine)."""
     output:
         f"{OUT}/bench.csv",
     log:
         f"{OUT}/logs/bench.log",
-    threads: 1
+    threads: workflow.cores
     params:
-        env=lambda wc, threads: env(threads),
+        env=env(),
         cmd=CMD["bench"],
     shell:
         "{params.env} {params.cmd} --out {output} > {log} 2>&1"
@@ -103,9 +104,9 @@ rule profile:
         f"{OUT}/token_difficulty.csv",
     log:
         f"{OUT}/logs/profile.log",
-    threads: workflow.cores
+    threads: SLOT
     params:
-        env=lambda wc, threads: env(threads),
+        env=env(),
         cmd=CMD["profile"],
     shell:
         "{params.env} {params.cmd} > {log} 2>&1"
@@ -116,9 +117,9 @@ rule kv_pollution:
         f"{OUT}/kv_pollution.csv",
     log:
         f"{OUT}/logs/kv_pollution.log",
-    threads: workflow.cores
+    threads: SLOT
     params:
-        env=lambda wc, threads: env(threads),
+        env=env(),
         cmd=CMD["kv_pollution"],
     shell:
         "{params.env} {params.cmd} > {log} 2>&1"
@@ -131,9 +132,9 @@ rule timeline:
         f"{OUT}/action_timeline.csv",
     log:
         f"{OUT}/logs/timeline.log",
-    threads: workflow.cores
+    threads: SLOT
     params:
-        env=lambda wc, threads: env(threads),
+        env=env(),
         cmd=CMD["timeline"],
         primary=EV["primary"],
     shell:

@@ -6,9 +6,9 @@ rule train:
         f"{OUT}/policy/policy.pt",
     log:
         f"{OUT}/logs/train.log",
-    threads: workflow.cores
+    threads: SLOT
     params:
-        env=lambda wc, threads: env(threads),
+        env=env(),
         out=f"{OUT}/policy",
     shell:
         "{params.env} sol train --config {input} --out {params.out} > {log} 2>&1"
