@@ -338,8 +338,49 @@ def _parse_action(text: str):
         raise SolError(f"bad action '{text}': write token_keep,prune_keep,bits, e.g. 0.5,0.5,8") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the suite's failure contract: one ``error:`` line, exit status 2, nothing else printed."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def _bounded(kind, lo: float, hi: float | None = None, lo_open: bool = False):
+    """An argparse type: ``kind`` within [lo, hi] ((lo, hi] with ``lo_open``)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}") from None
+        if v != v or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+            span = f"{'(' if lo_open else '['}{lo:g}, {'∞)' if hi is None else f'{hi:g}]'}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range {span}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# lower bounds of integer options (all others: ≥ 0) and ranges of float options (all others: > 0)
+_INT_MIN = {"steps": 1, "context": 1, "batch": 1, "kv_len": 1, "page_size": 1, "threads": 1, "selection_blocks": 1,
+            "seeds": 1, "tail": 1, "corrupt": 1}
+_FLOAT_RANGE = {"budget": (0.0, 1.0, True), "hi_share": (0.0, 1.0, False)}
+
+
+def _validate_numbers(parser: argparse.ArgumentParser) -> None:
+    """Give every numeric option of every subcommand a bounded type."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _validate_numbers(sub)
+        elif action.type is int:
+            action.type = _bounded(int, _INT_MIN.get(action.dest, 0))
+        elif action.type is float:
+            lo, hi, lo_open = _FLOAT_RANGE.get(action.dest, (0.0, None, True))
+            action.type = _bounded(float, lo, hi, lo_open)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sol", description="Self-Optimizing Language Models: reproduce and measure.")
+    p = _Parser(prog="sol", description="Self-Optimizing Language Models: reproduce and measure.")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="FLOPs and wall-clock per decode step for each action (compute path)")
@@ -483,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     le = sub.add_parser("lm-eval", help="lm-eval's own CLI with --model sol registered", add_help=False)
     le.add_argument("rest", nargs=argparse.REMAINDER)
     le.set_defaults(func=cmd_lm_eval)
+    _validate_numbers(p)
     return p
 
 

@@ -266,14 +266,20 @@ def uniform_comparison(res: Path, primary: str = "policy") -> pd.DataFrame | Non
         rows.append({"method": p.method, "budget": p.budget, "flop_keep": p.flop_keep, "ppl": p.ppl,
                      "uniform_front_ppl": r["front_ppl"] if r else np.nan,
                      "vs_uniform_ppl_ratio": r["ppl_ratio"] if r else np.nan,
-                     "vs_uniform_ci": f"[{np.exp(r['lo']):.3f}, {np.exp(r['hi']):.3f}]" if r else
+                     "vs_uniform_ci": _ci(r["lo"], r["hi"]) if r else
                      "no comparison (below the front's cheapest level, or its neighbours differ > 2x)",
                      "vs_matched_ppl_ratio": np.exp(m[0]) if m else np.nan,
-                     "vs_matched_ci": f"[{np.exp(m[1]):.3f}, {np.exp(m[2]):.3f}]" if m else "n/a",
+                     "vs_matched_ci": _ci(m[1], m[2]) if m else "n/a",
                      "static_best": f"{sel.selected.iloc[0]} @ {sel.flop_keep.iloc[0]:.3f}" if st and len(sel) else "n/a",
                      "vs_static_ppl_ratio": np.exp(st[0]) if st else np.nan,
-                     "vs_static_ci": f"[{np.exp(st[1]):.3f}, {np.exp(st[2]):.3f}]" if st else "n/a"})
+                     "vs_static_ci": _ci(st[1], st[2]) if st else "n/a"})
     return pd.DataFrame(rows)
+
+
+def _ci(lo: float, hi: float) -> str:
+    """A paired CI on a ppl ratio from NLL-difference bounds, with its half-width."""
+    a, b = np.exp(lo), np.exp(hi)
+    return f"[{a:.3f}, {b:.3f}] ±{(b - a) / 2:.3f}"
 
 
 def _table(df: pd.DataFrame, path_stem: Path) -> None:

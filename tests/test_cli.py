@@ -30,3 +30,22 @@ def test_errors_are_one_line(tmp_path):
         lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], r.stderr
         assert not out.exists()
+
+
+def test_numeric_arguments_are_validated(tmp_path):
+    """Every numeric option is range-checked by the parser: exactly one line (``error: ...``), exit 2, no output."""
+    out = tmp_path / "x.csv"
+    cases = [(["eval", "ppl", "--steps", "0"], "--steps: 0 is out of range"),
+             (["eval", "mmlu", "--per-subject", "-3"], "--per-subject: -3 is out of range"),
+             (["bench", "--kv-len", "-5"], "--kv-len: -5 is out of range"),
+             (["eval", "ppl", "--budget", "0"], "--budget: 0 is out of range"),
+             (["eval", "ppl", "--memory-gb", "-1"], "--memory-gb"),
+             (["eval", "ppl", "--blocks", "many"], "'many' is not an integer"),
+             (["study", "headroom", "--low", "1", "--high", "2", "--mid", "1", "--hi-share", "1.5", "--out",
+               str(tmp_path)], "--hi-share: 1.5 is out of range")]
+    for args, needle in cases:
+        r = _sol(*args, *(["--out", str(out)] if "--out" not in args else []))
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert needle in r.stderr, r.stderr
+        assert r.stdout == "" and not out.exists()
