@@ -70,9 +70,13 @@ def summary_row(method: str, budget: float, r: dict, model_name: str, seed: int 
                 step_ms=float(r["step_ms"].mean()) if "step_ms" in r else np.nan, **extra)
 
 
+BLOCK_KEEPS = ("flop_keep", "total_keep", "token_keep", "prune_keep", "bit_ratio")
+
+
 def block_rows(method: str, budget: float, r: dict) -> list[dict]:
-    return [dict(method=method, budget=budget, block=b, nll=float(r["nll"][b].mean()), flop_keep=float(r["flop_keep"][b]))
-            for b in range(len(r["nll"]))]
+    """Per block: mean NLL and every keep, so that each summary number can be recomputed from these rows."""
+    return [dict(method=method, budget=budget, block=b, nll=float(r["nll"][b].mean()),
+                 **{k: float(r[k][b]) for k in BLOCK_KEEPS}) for b in range(len(r["nll"]))]
 
 
 def keep_floor(runtime: Runtime, grid, context: int, steps: int) -> float:

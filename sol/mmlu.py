@@ -181,7 +181,9 @@ def evaluate(lm, tasks_dir: Path, group: str, limit: int | None = None, seed: in
     rows = []
     for task, samples in res["samples"].items():
         for s in samples:
-            rows.append({"task": task, "doc_id": s["doc_id"], "acc": float(s["acc"]), "acc_norm": float(s["acc_norm"])})
+            gold = int(s["target"])  # the gold choice's log-likelihood: continuous where accuracy sits at chance
+            rows.append({"task": task, "doc_id": s["doc_id"], "acc": float(s["acc"]), "acc_norm": float(s["acc_norm"]),
+                         "gold_ll": float(s["filtered_resps"][gold][0])})
     top = res["results"][group]
     summary = {"acc": top["acc,none"], "acc_norm": top["acc_norm,none"], "questions": len(rows),
                "subjects": {t.removeprefix("sol_mmlu_"): v["acc,none"] for t, v in res["results"].items()
