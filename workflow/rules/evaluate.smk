@@ -1,5 +1,6 @@
 rule eval_ppl:
     """Policy at every budget + the paper's schedule baselines (matched, EMC, DAC, best-of-N random) + dense."""
+    priority: 9  # the critical path (train → eval_ppl → report) starts first
     input:
         policy=rules.train.output,
     output:
@@ -7,6 +8,8 @@ rule eval_ppl:
         blocks=f"{OUT}/ppl.blocks.csv",
     log:
         f"{OUT}/logs/eval_ppl.log",
+    benchmark:
+        f"{OUT}/benchmarks/eval_ppl.tsv",
     threads: SLOT
     params:
         env=env(),
@@ -25,6 +28,8 @@ rule eval_uniform:
         blocks=f"{OUT}/ppl_uniform.blocks.csv",
     log:
         f"{OUT}/logs/eval_uniform.log",
+    benchmark:
+        f"{OUT}/benchmarks/eval_uniform.tsv",
     threads: SLOT
     params:
         env=env(),
@@ -40,6 +45,8 @@ rule eval_oracle:
         blocks=f"{OUT}/ppl_oracle.blocks.csv",
     log:
         f"{OUT}/logs/eval_oracle.log",
+    benchmark:
+        f"{OUT}/benchmarks/eval_oracle.tsv",
     threads: SLOT
     params:
         env=env(),
@@ -54,6 +61,8 @@ rule headroom:
         f"{OUT}/headroom/headroom_{{tag}}.csv",
     log:
         f"{OUT}/logs/headroom_{{tag}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/headroom_{{tag}}.tsv",
     threads: SLOT
     params:
         env=env(),
@@ -65,6 +74,7 @@ rule headroom:
 
 rule eval_mmlu:
     """MMLU (offline, lm-eval) for the policy, the matched mix at its realised averages, uniform levels and dense."""
+    priority: 5  # the critical path (train → eval_ppl → report) starts first
     input:
         policy=rules.train.output,
     output:
@@ -72,6 +82,8 @@ rule eval_mmlu:
         questions=f"{OUT}/mmlu.questions.csv",
     log:
         f"{OUT}/logs/eval_mmlu.log",
+    benchmark:
+        f"{OUT}/benchmarks/eval_mmlu.tsv",
     threads: SLOT
     params:
         env=env(),
@@ -90,6 +102,8 @@ rule bench:
         f"{OUT}/bench.csv",
     log:
         f"{OUT}/logs/bench.log",
+    benchmark:
+        f"{OUT}/benchmarks/bench.tsv",
     threads: workflow.cores
     params:
         env=env(),
@@ -104,6 +118,8 @@ rule profile:
         f"{OUT}/token_difficulty.csv",
     log:
         f"{OUT}/logs/profile.log",
+    benchmark:
+        f"{OUT}/benchmarks/profile.tsv",
     threads: SLOT
     params:
         env=env(),
@@ -117,6 +133,8 @@ rule kv_pollution:
         f"{OUT}/kv_pollution.csv",
     log:
         f"{OUT}/logs/kv_pollution.log",
+    benchmark:
+        f"{OUT}/benchmarks/kv_pollution.tsv",
     threads: SLOT
     params:
         env=env(),
@@ -132,6 +150,8 @@ rule timeline:
         f"{OUT}/action_timeline.csv",
     log:
         f"{OUT}/logs/timeline.log",
+    benchmark:
+        f"{OUT}/benchmarks/timeline.tsv",
     threads: SLOT
     params:
         env=env(),

@@ -20,6 +20,8 @@ rule report:
         figures=[f"{OUT}/{f}.pdf" for f in FIGURES],
     log:
         f"{OUT}/logs/report.log",
+    benchmark:
+        f"{OUT}/benchmarks/report.tsv",
     params:
         cmd=CMD["report"],
     shell:
