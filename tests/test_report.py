@@ -8,6 +8,17 @@ import pytest
 from sol.report import build_report, check, compute_claims, sanity
 
 
+def _rows(method, budget, nll, keep):
+    """A summary row and its per-block rows, written as `sol eval ppl` writes them (consistent by construction)."""
+    from sol.evaluate import block_rows, summary_row
+
+    n = len(nll)
+    r = {"nll": np.asarray(nll, dtype=np.float32)[:, None], "flop_keep": np.full(n, keep),
+         "total_keep": np.full(n, keep + 0.01), "token_keep": np.ones(n), "prune_keep": np.full(n, keep),
+         "bit_ratio": np.ones(n)}
+    return summary_row(method, budget, r, "tiny-llama"), block_rows(method, budget, r)
+
+
 def _results(tmp_path, policy_better=True, adherence=0.01):
     rng = np.random.default_rng(0)
     budgets = [0.6, 0.8]
@@ -18,10 +29,9 @@ def _results(tmp_path, policy_better=True, adherence=0.01):
                               ("random:seed=0", 0.02), ("random:seed=1", 0.04), ("emc", 0.01), ("dac", 0.01)):
             nll = base + shift + rng.normal(0, 0.01, 20)
             keep = b + (adherence if method == "policy" else 0.0)
-            rows.append(dict(method=method, budget=b, ppl=float(np.exp(nll.mean())), ppl_lo=float(np.exp(nll.mean() - 0.01)),
-                             ppl_hi=float(np.exp(nll.mean() + 0.01)), flop_keep=keep, net_keep=keep, token_keep=1.0,
-                             prune_keep=keep, bit_ratio=1.0))
-            blocks += [dict(method=method, budget=b, block=i, nll=float(v), flop_keep=keep) for i, v in enumerate(nll)]
+            row, per = _rows(method, b, nll, keep)
+            rows.append(row)
+            blocks += per
     pd.DataFrame(rows).to_csv(tmp_path / "ppl.csv", index=False)
     pd.DataFrame(blocks).to_csv(tmp_path / "ppl.blocks.csv", index=False)
     return tmp_path
@@ -71,6 +81,73 @@ def test_report_and_check(tmp_path):
     assert any("config_sha256" in p for p in check(res, cfg))
 
 
+def _tamper_block_nll(res):
+    b = pd.read_csv(res / "ppl.blocks.csv")
+    b.loc[(b.method == "policy") & (b.block == 3), "nll"] += 0.5
+    b.to_csv(res / "ppl.blocks.csv", index=False)
+
+
+def _tamper_summary(res, column, delta):
+    s = pd.read_csv(res / "ppl.csv")
+    s.loc[(s.method == "policy") & np.isclose(s.budget, 0.8), column] += delta
+    s.to_csv(res / "ppl.csv", index=False)
+
+
+def _tamper_claims(res, edit):
+    doc = json.loads((res / "claims.json").read_text())
+    edit(doc)
+    (res / "claims.json").write_text(json.dumps(doc))
+
+
+TAMPER = {
+    "per-block nll": (_tamper_block_nll, ["ppl.blocks.csv"]),
+    "summary ppl": (lambda r: _tamper_summary(r, "ppl", -0.3), ["ppl.csv"]),
+    "summary keep": (lambda r: _tamper_summary(r, "flop_keep", -0.02), ["flop_keep"]),
+    "ours text": (lambda r: _tamper_claims(r, lambda d: d["claims"][1].update(ours="better everywhere")), ["ours"]),
+    "verdict": (lambda r: _tamper_claims(r, lambda d: d["claims"][3].update(
+        verdict="not reproduced" if d["claims"][3]["verdict"] == "reproduced" else "reproduced")), ["verdict"]),
+    "claims.md": (lambda r: (r / "claims.md").write_text((r / "claims.md").read_text().replace("**", "", 2)),
+                  ["claims.md"]),
+    "input file": (lambda r: (r / "mmlu.questions.csv").write_text(
+        (r / "mmlu.questions.csv").read_text().replace("1.0,1.0", "0.0,1.0", 1)), ["mmlu.questions.csv"]),
+    "malformed input": (lambda r: (r / "mmlu.questions.csv").write_text("method,budget,acc\n"),
+                        ["mmlu.questions.csv"]),
+    "git commit": (lambda r: _tamper_claims(r, lambda d: d["provenance"].update(git_commit="f" * 40)),
+                   ["git_commit"]),
+}
+
+
+@pytest.mark.parametrize("what", list(TAMPER))
+def test_check_fails_on_every_tampering(tmp_path, what):
+    """A report that passes the check, copied and tampered with in one place, fails it, naming the place."""
+    import subprocess
+
+    res = tmp_path / "r"
+    res.mkdir()
+    _results(res)
+    _uniform_and_oracle(res, 0.1)
+    pd.DataFrame([{"task": "t", "doc_id": 0, "acc": 1.0, "acc_norm": 1.0, "method": "dense", "budget": np.nan}]
+                 ).to_csv(res / "mmlu.questions.csv", index=False)
+    pd.DataFrame([{"method": "dense", "budget": np.nan, "acc": 1.0, "acc_norm": 1.0, "questions": 1, "steps": 3,
+                   **dict.fromkeys(("flop_keep", "total_keep", "token_keep", "prune_keep", "bit_ratio"), 1.0)}]
+                 ).to_csv(res / "mmlu.csv", index=False)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("name: x\n")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    build_report(res, cfg, "tiny-llama")
+    _tamper_claims(res, lambda d: d["provenance"].update(git_commit=head.strip()))
+    (res / "claims.md").write_text(__import__("sol.report", fromlist=["x"]).claims_markdown(
+        json.loads((res / "claims.json").read_text())["claims"], json.loads((res / "claims.json").read_text())["provenance"]))
+    assert check(res, cfg) == [], check(res, cfg)
+    tamper, needles = TAMPER[what]
+    tamper(res)
+    problems = check(res, cfg)
+    assert problems and any(n in p for p in problems for n in needles), problems
+
+
 def _uniform_and_oracle(res, oracle_gain: float):
     """A true-uniform front nll = 3 − keep (+ dense at 1.0) and an oracle ``oracle_gain`` nats below it, same blocks."""
     rng = np.random.default_rng(1)
@@ -80,11 +157,9 @@ def _uniform_and_oracle(res, oracle_gain: float):
         rows, blocks = [], []
         for method, budget, keep in methods:
             nll = 3.0 - keep - (oracle_gain if name == "ppl_oracle" else 0.0) + rng.normal(0, 0.01, 20)
-            m = nll.mean()
-            rows.append(dict(method=method, budget=budget, ppl=float(np.exp(m)), ppl_lo=float(np.exp(m - 0.01)),
-                             ppl_hi=float(np.exp(m + 0.01)), flop_keep=keep, net_keep=keep, token_keep=1.0,
-                             prune_keep=keep, bit_ratio=1.0))
-            blocks += [dict(method=method, budget=budget, block=i, nll=float(v), flop_keep=keep) for i, v in enumerate(nll)]
+            row, per = _rows(method, np.nan if budget is None else budget, nll, keep)
+            rows.append(row)
+            blocks += per
         pd.DataFrame(rows).to_csv(res / f"{name}.csv", index=False)
         pd.DataFrame(blocks).to_csv(res / f"{name}.blocks.csv", index=False)
 
