@@ -156,7 +156,7 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch
     at the policy's realised per-axis averages, N random permutations of it (best-of-N chosen on ``selection``
     blocks — a held-out split — unless ``select_on_eval``, the reference's optimistic choice), EMC and DAC. Plus
     ours, the strongest uniform baseline: ``static-best``, the one fixed grid action (joint levels of all axes) with
-    the lowest NLL on the selection blocks among those whose FLOP keep is at most the policy's.
+    the lowest NLL on the selection blocks among those whose FLOP keep is at most the policy's total keep (its LM FLOPs plus its own MACs).
 
     Returns (summary rows, per-block rows) to append to the policy's; method names carry the operating point.
     """
@@ -182,7 +182,7 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch
             r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, max_rows)
             rows.append(summary_row(name, point, r, model_name, seed, selection_ppl=sel_ppl.get(name, np.nan)))
             blocks_out += block_rows(name, point, r)
-        affordable = sweep[sweep.flop_keep <= p.flop_keep + 1e-9]
+        affordable = sweep[sweep.flop_keep <= p.total_keep + 1e-9]  # matched total compute: LM + controller MACs
         if len(affordable):
             best_static = affordable.loc[affordable.nll.idxmin()]
             ctrl = FixedAction(grid, grid[int(best_static.action)])
