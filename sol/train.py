@@ -68,8 +68,8 @@ class TrainConfig:
     window: int = 8
     faithful_actions: bool = False
     budget_mode: str = "flop"
-    budget_range: list = field(default_factory=lambda: [0.55, 1.0])
-    paper_ranges: dict = field(default_factory=lambda: {"token_keep": [0.1, 1.0], "prune_keep": [0.4, 1.0],
+    budget_range: list[float] = field(default_factory=lambda: [0.55, 1.0])
+    paper_ranges: dict[str, list[float]] = field(default_factory=lambda: {"token_keep": [0.1, 1.0], "prune_keep": [0.4, 1.0],
                                                          "bits": [5, 16]})
     gamma: float = 0.85
     logp_weight: float = 1.0

@@ -111,6 +111,18 @@ def test_bad_config_key_is_one_line(corpus, tmp_path):
     assert not (tmp_path / "x" / "policy.pt").exists()
 
 
+@pytest.mark.parametrize("kv, needle", [("updates=seventy", "'updates' must be an integer, got 'seventy'"),
+                                        ("budget_range=[0.5,x]", "'budget_range' must be list[float]"),
+                                        ("track_budget=3", "'track_budget' must be true or false"),
+                                        ("lr=fast", "'lr' must be a number")])
+def test_config_value_types_are_checked(corpus, tmp_path, kv, needle):
+    """A value of the wrong type is one error line and exit 2, before anything is written."""
+    r = _train(corpus, tmp_path / "x", kv)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [r.stderr.strip()]
+    assert not (tmp_path / "x").exists()
+
+
 def test_splits_are_disjoint_by_document(corpus):
     from sol.data import documents
 
