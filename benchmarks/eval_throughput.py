@@ -86,6 +86,16 @@ def main() -> None:
                        "bits": usage["bit_ratio"] * 16}
             measure("matched", Matched(grid, targets), grid)
 
+    print(f"model {a.model}, {N} blocks x {a.steps} scored steps (context {a.context}, episode {a.episode}), "
+          f"{a.threads} thread(s), batch {a.batch} (sequential) / {a.max_rows} rows (shared)")
+    print(f"plain HF teacher-forced forward: {hf_tps:.1f} tokens/s over {N} x {n} tokens")
+    print(f"shared dense pass (once per block set): {t_prefix:.1f} s ({N * (n - 1 - a.steps + (pre.n_episodes - 1) * a.episode) / t_prefix:.1f} tokens/s)")
+    print()
+    print("| controller | sequential scored tok/s | shared scored tok/s | speedup | shared / HF | max |Δ log p| |")
+    print("|---|---|---|---|---|---|")
+    for name, old, new, diff in rows:
+        print(f"| {name} | {old:.1f} | {new:.1f} | {new / old:.2f}x | {new / hf_tps:.3f} | {diff:.1e} |")
+
     mmlu_rows = []
     if a.mmlu_per_subject:
         from sol import mmlu
@@ -104,18 +114,6 @@ def main() -> None:
                 summary, _ = mmlu.evaluate(lm, tasks, "sol_mmlu_continuation", a.mmlu_per_subject)
                 mmlu_rows.append((keep, lm.built.controller.name, summary["questions"] / (time.perf_counter() - t0),
                                   summary["acc"]))
-
-    print(f"model {a.model}, {N} blocks x {a.steps} scored steps (context {a.context}, episode {a.episode}), "
-          f"{a.threads} thread(s), batch {a.batch} (sequential) / {a.max_rows} rows (shared)")
-    print(f"plain HF teacher-forced forward: {hf_tps:.1f} tokens/s over {N} x {n} tokens")
-    print(f"shared dense pass (once per block set): {t_prefix:.1f} s ({N * (n - 1 - a.steps + (pre.n_episodes - 1) * a.episode) / t_prefix:.1f} tokens/s)")
-    print()
-    print("| controller | sequential scored tok/s | shared scored tok/s | speedup | shared / HF | max |Δ log p| |")
-    print("|---|---|---|---|---|---|")
-    for name, old, new, diff in rows:
-        print(f"| {name} | {old:.1f} | {new:.1f} | {new / old:.2f}x | {new / hf_tps:.3f} | {diff:.1e} |")
-
-
 
     if mmlu_rows:
         print()

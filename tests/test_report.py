@@ -19,14 +19,15 @@ def _rows(method, budget, nll, keep):
     return summary_row(method, budget, r, "tiny-llama"), block_rows(method, budget, r)
 
 
-def _results(tmp_path, policy_better=True, adherence=0.01):
+def _results(tmp_path, policy_better=True, adherence=0.01, n_random=5):
     rng = np.random.default_rng(0)
     budgets = [0.6, 0.8]
     rows, blocks = [], []
     for b in budgets:
         base = 3.0 - b  # cheaper → worse
+        trials = [(f"random:seed={i}", 0.02 + 0.01 * i) for i in range(n_random)]
         for method, shift in (("policy", -0.05 if policy_better else 0.05), ("matched", 0.0), ("random-best", 0.02),
-                              ("random:seed=0", 0.02), ("random:seed=1", 0.04), ("emc", 0.01), ("dac", 0.01)):
+                              *trials, ("emc", 0.01), ("dac", 0.01)):
             nll = base + shift + rng.normal(0, 0.01, 20)
             keep = b + (adherence if method == "policy" else 0.0)
             row, per = _rows(method, b, nll, keep)
@@ -46,18 +47,71 @@ def test_verdicts_follow_the_data(tmp_path):
     assert bad["front_beats_fixed"] == "not reproduced" and bad["budget_adherence"] == "not reproduced"
 
 
+def test_claim_rules_a_referee_would_sign(tmp_path):
+    """Claim 4 needs ≥ 5 random trials and is a non-inferiority test; claim 5 fails only on a significant increase
+    and needs two reachable budgets."""
+    c = {c["id"]: c for c in compute_claims(_results(tmp_path, n_random=2))}
+    assert c["beats_best_random"]["verdict"] == "not testable at this scale" and "at least 5" in c["beats_best_random"]["ours"]
+    c = {c["id"]: c for c in compute_claims(_results(tmp_path, policy_better=False))}
+    assert c["beats_best_random"]["verdict"] == "not reproduced"  # 0.03 nats worse: beyond the 0.01 margin
+    res = _results(tmp_path)
+    b = pd.read_csv(res / "ppl.blocks.csv")
+    b.loc[(b.method == "policy") & (b.budget == 0.8), "nll"] += 3.0  # perplexity rises with the budget
+    b.to_csv(res / "ppl.blocks.csv", index=False)
+    c = {c["id"]: c for c in compute_claims(res)}
+    assert c["monotone_knob"]["verdict"] == "not reproduced" and "0.6→0.8" in c["monotone_knob"]["ours"]
+    ppl = pd.read_csv(res / "ppl.csv")
+    ppl["keep_floor"] = 0.65  # only budget 0.8 is reachable
+    ppl.to_csv(res / "ppl.csv", index=False)
+    assert {c["id"]: c for c in compute_claims(res)}["monotone_knob"]["verdict"] == "not testable at this scale"
+
+
+def _mmlu(res, gain: float, dense_acc: float, n: int = 400, seed: int = 0):
+    """MMLU per-question results: uniform levels at keep 0.6 / 0.9 and dense, the policy at budget 0.7 (total keep
+    0.75) answering correctly ``gain`` more often (relative) than the uniform front there."""
+    rng = np.random.default_rng(seed)
+    base = dense_acc * 0.9
+    rows, summary = [], []
+    for method, budget, keep, p in (("uniform:a", np.nan, 0.6, base), ("uniform:b", np.nan, 0.9, base),
+                                    ("dense", np.nan, 1.0, dense_acc), ("policy", 0.7, 0.75, base * (1 + gain))):
+        acc = (rng.random(n) < p).astype(float)
+        rows += [dict(method=method, budget=budget, task="t", doc_id=i, acc=a, acc_norm=a, gold_ll=-1.0 + a)
+                 for i, a in enumerate(acc)]
+        summary.append(dict(method=method, budget=budget, acc=acc.mean(), acc_norm=acc.mean(), questions=n,
+                            flop_keep=keep - (0.02 if method == "policy" else 0), total_keep=keep))
+    pd.DataFrame(rows).to_csv(res / "mmlu.questions.csv", index=False)
+    pd.DataFrame(summary).to_csv(res / "mmlu.csv", index=False)
+
+
+@pytest.mark.parametrize("gain, dense_acc, verdict", [(0.6, 0.5, "reproduced"), (-0.3, 0.5, "not reproduced"),
+                                                      (0.03, 0.27, "not testable at this scale"),
+                                                      (0.03, 0.5, "not reproduced")])
+def test_mmlu_claim_verdicts(tmp_path, gain, dense_acc, verdict):
+    """Claim 1 at the pre-registered budget on the relative gain's CI: reproduced (excludes 0, reaches +7.3 %),
+    not reproduced (below +7.3 %, or undecided above chance), not testable only at chance; gold log-likelihood
+    beside accuracy."""
+    res = _results(tmp_path)
+    _mmlu(res, gain, dense_acc)
+    c = {c["id"]: c for c in compute_claims(res, claim_budget=0.7)}["mmlu_gain_over_uniform"]
+    assert c["verdict"] == verdict, c["ours"]
+    assert "pre-registered budget 0.7" in c["ours"] and "gold-choice log-likelihood" in c["ours"]
+    assert c["detail"]["total_keep"] == 0.75
+    assert {c["id"]: c for c in compute_claims(res, claim_budget=0.9)}["mmlu_gain_over_uniform"][
+        "verdict"] == "not testable at this scale"  # no policy run at 0.9
+
+
 def test_adherence_below_the_grid_floor(tmp_path):
     """A budget below the cheapest schedule's keep (keep_floor) is judged against the floor and named as out of reach."""
     res = _results(tmp_path)
     ppl = pd.read_csv(res / "ppl.csv")
     ppl["keep_floor"] = 0.7
     low = ppl.budget == 0.6
-    ppl.loc[low & (ppl.method == "policy"), "flop_keep"] = 0.71  # the floor, as close as the grid allows
+    ppl.loc[low & (ppl.method == "policy"), ["flop_keep", "total_keep"]] = 0.71  # the floor, as close as possible
     ppl.to_csv(res / "ppl.csv", index=False)
     c = {c["id"]: c for c in compute_claims(res)}
     assert c["budget_adherence"]["verdict"] == "reproduced"
     assert "below the grid's floor 0.700" in c["budget_adherence"]["ours"]
-    ppl.loc[low & (ppl.method == "policy"), "flop_keep"] = 0.78  # wasteful: well above the floor
+    ppl.loc[low & (ppl.method == "policy"), ["flop_keep", "total_keep"]] = 0.78  # wasteful: well above the floor
     ppl.to_csv(res / "ppl.csv", index=False)
     assert {c["id"]: c["verdict"] for c in compute_claims(res)}["budget_adherence"] == "not reproduced"
 
@@ -172,7 +226,8 @@ def test_headroom_captured_claim(tmp_path):
     res = _results(tmp_path)
     _uniform_and_oracle(res, 0.1)
     table = headroom_table(res)
-    assert len(table) == 2 and ((table.captured > 0.3) & (table.captured < 0.7)).all()
+    # matched at total keep (0.01 above the LM-only keep here): the front is 0.01 nats better there, ≈ 0.04 / 0.11
+    assert len(table) == 2 and ((table.captured > 0.2) & (table.captured < 0.7)).all()
     assert (table.captured_lo < table.captured).all() and (table.headroom_lo > 0).all()
     claim = {c["id"]: c for c in compute_claims(res)}["headroom_captured"]
     assert claim["verdict"] == "reproduced"
