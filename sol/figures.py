@@ -98,12 +98,15 @@ def budget_adherence(df: pd.DataFrame, path) -> None:
     ax.plot([0, 1], [0, 1], ls="--", c="k", lw=0.8)
     ax.fill_between([0, 1], [-0.03, 0.97], [0.03, 1.03], color="0.85", label="±0.03")
     for (method, d), m in zip(df.groupby("method"), ("o", "s")):
-        ax.plot(d.budget, d.flop_keep, marker=m, c=COLORS["policy"], ls="-" if method == "policy" else "--", label=method)
+        total = d.total_keep if "total_keep" in d else d.flop_keep
+        ax.plot(d.budget, total, marker=m, c=COLORS["policy"], ls="-" if method == "policy" else "--",
+                label=f"{method}: total (LM + own MACs)")
+        ax.plot(d.budget, d.flop_keep, marker=m, mfc="none", c="0.5", ls=":", lw=0.8, label=f"{method}: LM only")
     lo, hi = df.budget.min() - 0.05, 1.0
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("requested FLOP keep (budget)")
-    ax.set_ylabel("realised FLOP keep")
+    ax.set_ylabel("realised keep")
     ax.legend(fontsize=7)
     save(fig, path)
 
