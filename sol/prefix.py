@@ -62,11 +62,11 @@ class DensePrefix:
         continues from. The cache is a fresh copy; the prefix itself is never written."""
         L = self.episode_start(k)
         cache = engine.new_cache(len(rows), max(capacity, L + 1))
-        idx = rows.to(self.k[0].device)
         for dst, src in zip(cache.k + cache.v, self.k + self.v):
-            dst[:, :, :L] = src.index_select(0, idx)[:, :, :L].to(dst.device)
+            for r, b in enumerate(rows.tolist()):  # row by row: no second full-size copy of the selected rows
+                dst[r, :, :L] = src[b, :, :L]
         cache.length = L
-        hidden = self.hidden[idx, k].to(engine.device)
+        hidden = self.hidden[rows, k].to(engine.device)
         return cache, engine.lm_head(hidden), hidden
 
 
