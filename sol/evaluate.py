@@ -100,12 +100,12 @@ def eval_ppl(model, model_name: str, blocks: torch.Tensor, specs: list[str], bud
             engines[built.transform] = Engine(transformed(model, built, calibration), settings, mode)
         timer = StepTimer(engines[built.transform].device) if time_steps else None
         runtime = Runtime(engines[built.transform], built.grid, timer=timer)
+        max_rows = rows_for_memory(runtime.engine, blocks.shape[1] + 1, memory_gb)
         extra = {"keep_floor": keep_floor(runtime, built.grid, context, blocks.shape[1] - context - 1)
                  } if built.uses_budget else {}
         for budget in (budgets if built.uses_budget else [1.0]):
             torch.manual_seed(seed)
-            r = run_blocks(runtime, built, blocks, budget, context, episode, batch,
-                           max_rows=rows_for_memory(runtime.engine, blocks.shape[1] + 1, memory_gb),
+            r = run_blocks(runtime, built, blocks, budget, context, episode, batch, max_rows,
                            desc=f"{built.controller.name} {budget:g}")
             method = built.controller.name
             rows.append(summary_row(method, budget if built.uses_budget else np.nan, r, model_name, seed, **extra))

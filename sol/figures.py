@@ -102,6 +102,8 @@ def budget_adherence(df: pd.DataFrame, path) -> None:
         ax.plot(d.budget, total, marker=m, c=COLORS["policy"], ls="-" if method == "policy" else "--",
                 label=f"{method}: total (LM + own MACs)")
         ax.plot(d.budget, d.flop_keep, marker=m, mfc="none", c="0.5", ls=":", lw=0.8, label=f"{method}: LM only")
+    if "keep_floor" in df and df.keep_floor.notna().any():  # below it no schedule on the grid can go
+        ax.axhline(df.keep_floor.max(), c="0.3", lw=0.8, ls="-.", label=f"grid floor {df.keep_floor.max():.3f}")
     lo, hi = df.budget.min() - 0.05, 1.0
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)

@@ -94,7 +94,8 @@ def _disk_path(key: str):
     return cache_dir() / "prefix" / f"{key}.pt"
 
 
-def compute(engine: Engine, blocks: torch.Tensor, context: int, episode: int, batch: int = 8) -> DensePrefix:
+def compute(engine: Engine, blocks: torch.Tensor, context: int, episode: int, batch: int = 8,
+            progress: bool = True) -> DensePrefix:
     """The dense pass itself (no caching): one prefill and n−1 episode replays per chunk of ``batch`` blocks."""
     N, n = blocks.shape
     T = n - context - 1
@@ -102,7 +103,7 @@ def compute(engine: Engine, blocks: torch.Tensor, context: int, episode: int, ba
     n_ep = -(-T // E)
     L = context + (n_ep - 1) * E
     ks, vs, hs = [], [], []
-    for i in tqdm(range(0, N, batch), desc="dense prefix", leave=False):
+    for i in tqdm(range(0, N, batch), desc="dense prefix", leave=False, disable=not progress):
         chunk = blocks[i:i + batch].to(engine.device)
         cache = engine.new_cache(chunk.shape[0], L + 1)
         hidden = []

@@ -24,7 +24,7 @@ from sol.actions import ActionGrid
 from sol.controllers import Controller, StepState
 from sol.cost import CostModel
 from sol.engine import Engine
-from sol.prefix import CONTEXTS
+from sol.prefix import CONTEXTS, dense_prefix
 
 
 @dataclass
@@ -298,8 +298,6 @@ class Runtime:
         Falls back to chunked sequential rollouts (same numbers) when the first steps are forced dense (context ≤
         sinks + window + 1: an episode's effective steps would then depend on where it starts) or when steps are
         timed (a timed step is one step of ``max_rows // rollouts`` blocks, as before)."""
-        from sol.prefix import dense_prefix
-
         N, n = blocks.shape
         T = n - context - 1
         E = min(episode or T, T)

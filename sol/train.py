@@ -300,7 +300,7 @@ class Trainer:
             ctrl.set_targets(targets)
         budget = flop.repeat_interleave(K, 0)
         # one dense prefill per block serves its K rollouts and the dense reference of the KL reward
-        pre = prefix.compute(self.engine, blocks, c.context, c.episode)
+        pre = prefix.compute(self.engine, blocks, c.context, c.episode, progress=False)  # per update: no bar
         ro = self.runtime.score(blocks, ctrl, budget, c.context, c.episode, max_rows=len(budget), rollouts=K,
                                 keep_distributions=c.kl_weight > 0, prefix=pre)
         r = c.logp_weight * ro.logprobs
