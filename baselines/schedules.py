@@ -198,3 +198,61 @@ def uniform_action(grid: ActionGrid, targets: dict[str, float]) -> Action:
     t = {a: targets.get(a, getattr(grid, a)[-1]) for a in AXES}
     return min(grid.actions, key=lambda x: abs(x.token_keep - t["token_keep"]) + abs(x.prune_keep - t["prune_keep"])
                + abs(x.bits - t["bits"]) / DENSE_BITS)
+
+
+def flop_matched_targets(grid: ActionGrid, targets: dict[str, float], goal: float, keep_tables: list[torch.Tensor],
+                         episode: int, make=None, rows: int = 1, iters: int = 40) -> dict[str, float]:
+    """Per-axis targets whose schedule realises mean FLOP keep ``goal`` (the policy's *total* keep: its LM FLOPs plus
+    its own MACs), not only the policy's per-axis averages.
+
+    Matching per-axis averages (the reference's rule, ``match="axes"``) leaves the mix 0.001–0.011 FLOP keep below
+    the policy on SmolLM2, because FLOP keep is not linear in the three averages, and it ignores the controller's own
+    compute. Here every axis target moves by the same fraction λ of its distance to the axis's top level (λ > 0) or
+    bottom level (λ < 0), and λ is chosen by bisection on the schedule's simulated FLOP keep: matched and random
+    schedules are content-agnostic, so their actions, and with ``keep_tables`` (the FLOP keep of every grid action at
+    each scored step's key length, [A] each) their mean FLOP keep, are known before any token is decoded.
+    ``make(targets)``: the schedule (default: the matched mix); ``rows``: rows simulated (block ids 0..rows−1, as the
+    scored set numbers them: a random schedule differs per block). ``episode``: steps per dense-refresh episode.
+    Returns targets in the same units as ``targets`` (bits in bits)."""
+    make = make or (lambda t: Matched(grid, t))
+    levels = {a: axis_values(grid, a) for a in AXES}
+    base = {a: (targets.get(a, max(grid.bits) if a == "bits" else 1.0) / (DENSE_BITS if a == "bits" else 1.0))
+            for a in AXES}
+
+    def shifted(lam: float) -> dict[str, float]:
+        out = {}
+        for a in AXES:
+            lo, hi, t = levels[a][0], levels[a][-1], base[a]
+            v = t + lam * ((hi - t) if lam >= 0 else (t - lo))
+            out[a] = min(max(v, lo), hi) * (DENSE_BITS if a == "bits" else 1.0)
+        return out
+
+    def keep(lam: float) -> float:
+        return schedule_keep(make(shifted(lam)), keep_tables, episode, rows)
+
+    lo, hi = -1.0, 1.0
+    if keep(hi) <= goal:
+        return shifted(hi)
+    if keep(lo) >= goal:
+        return shifted(lo)
+    for _ in range(iters):  # invariant: keep(lo) < goal <= keep(hi)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if keep(mid) < goal else (lo, mid)
+    return shifted(min((lo, hi), key=lambda x: abs(keep(x) - goal)))
+
+
+def schedule_keep(ctrl: Controller, keep_tables: list[torch.Tensor], episode: int, rows: int = 1) -> float:
+    """Mean FLOP keep of a content-agnostic schedule (matched, random) over ``rows`` blocks whose steps have these
+    per-step keep tables, episodes of ``episode`` steps (every step effective, as at any context past the sinks and
+    window)."""
+    from types import SimpleNamespace
+
+    total, T = 0.0, len(keep_tables)
+    ids = torch.arange(rows)
+    for start in range(0, T, episode):
+        n = min(episode, T - start)
+        ctrl.start_episode(rows, torch.ones(rows))
+        for t in range(n):
+            state = SimpleNamespace(batch=rows, remaining=torch.full((rows,), n - t), rows=ids, offset=start)
+            total += float(keep_tables[start + t][ctrl.act(state)].sum())
+    return total / (T * rows)

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from baselines import BASELINE_KINDS
 from sol.errors import SolError
 
 
@@ -82,9 +83,14 @@ def cmd_eval_ppl(args) -> None:
     if any(c.startswith("heads") for c in args.controller):  # head importance from the validation split
         calibration = torch.from_numpy(data.blocks(args.data, "validation", tok, args.context + args.steps + 1,
                                                    max_blocks=16))
-    summary, per_block = eval_ppl(model, args.model, blocks, args.controller, args.budget, args.context,
-                                  args.episode or args.steps, args.batch, settings, args.seed, calibration,
-                                  time_steps=args.time, mode=args.mode, memory_gb=args.memory_gb)
+    if args.match_summary and not args.paper_baselines:
+        raise SolError("--match-summary only makes sense with --paper-baselines")
+    if args.match_summary:  # the policy was scored by an earlier job: read its summary, run the baselines only
+        summary, per_block = _read_summary(args.match_summary), pd.DataFrame()
+    else:
+        summary, per_block = eval_ppl(model, args.model, blocks, args.controller, args.budget, args.context,
+                                      args.episode or args.steps, args.batch, settings, args.seed, calibration,
+                                      time_steps=args.time, mode=args.mode, memory_gb=args.memory_gb)
     if args.paper_baselines:
         from sol.evaluate import paper_baselines
         from sol.registry import build
@@ -92,15 +98,21 @@ def cmd_eval_ppl(args) -> None:
         pols = [c for c in args.controller if c.startswith(("policy:", "policy-tracked:"))]
         if not pols:
             raise SolError("--paper-baselines needs a policy:PATH or policy-tracked:PATH controller")
+        if not (summary.method == pols[0].split(":", 1)[0]).any():
+            raise SolError(f"{args.match_summary} has no '{pols[0].split(':', 1)[0]}' rows to match")
         grid = build(pols[0], args.model).grid  # baselines match the first policy listed
         selection = _sample(torch.from_numpy(data.blocks(args.data, "validation", tok, args.context + args.steps + 1)),
                             args.selection_blocks, args.seed)
         extra, extra_blocks = paper_baselines(model, args.model, summary, blocks, selection, grid,
                                               args.context, args.episode or args.steps, args.batch,
                                               args.paper_baselines, settings, args.seed, args.select_on_eval,
-                                              primary=pols[0].split(":", 1)[0], memory_gb=args.memory_gb)
-        summary = pd.concat([summary, extra], ignore_index=True)
-        per_block = pd.concat([per_block, extra_blocks], ignore_index=True)
+                                              primary=pols[0].split(":", 1)[0], memory_gb=args.memory_gb,
+                                              kinds=args.baselines, match=args.match)
+        if args.match_summary:  # only the baselines: the policy's rows stay in its own job's file
+            summary, per_block = extra, extra_blocks
+        else:
+            summary = pd.concat([summary, extra], ignore_index=True)
+            per_block = pd.concat([per_block, extra_blocks], ignore_index=True)
     cols = ["method", "budget", "ppl", "ppl_lo", "ppl_hi", "flop_keep", "total_keep", "net_keep", "tokens"]
     cols += ["step_ms", "time_ratio"] if args.time else []
     print(summary[cols].to_markdown(index=False, floatfmt=".4g"))
@@ -108,6 +120,44 @@ def cmd_eval_ppl(args) -> None:
         write_csv(args.out, summary)
         write_csv(_blocks_path(args.out), per_block)
         print(f"wrote {args.out}")
+
+
+def _read_summary(path: str):
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError) as e:
+        raise SolError(f"cannot read summary {path}: {e}") from None
+    missing = {"method", "budget", "token_keep", "prune_keep", "bit_ratio", "total_keep"} - set(df.columns)
+    if missing:
+        raise SolError(f"{path} is not an eval ppl summary (no column '{sorted(missing)[0]}')")
+    return df
+
+
+def cmd_eval_merge(args) -> None:
+    """Concatenate eval ppl summaries (and their per-block files) written by separate jobs into one."""
+    import pandas as pd
+
+    from sol.io import write_csv
+
+    parts = [(_read_summary(p), _read_blocks(p)) for p in args.parts]
+    summary = pd.concat([s for s, _ in parts], ignore_index=True)
+    dup = summary[summary.duplicated(["method", "budget"], keep=False)]
+    if len(dup):
+        raise SolError(f"method '{dup.method.iloc[0]}' at budget {dup.budget.iloc[0]} appears in two parts")
+    write_csv(_blocks_path(args.out), pd.concat([b for _, b in parts], ignore_index=True))
+    write_csv(args.out, summary)
+    print(f"wrote {args.out} ({len(summary)} rows from {len(parts)} parts)")
+
+
+def _read_blocks(path: str):
+    import pandas as pd
+
+    try:
+        return pd.read_csv(_blocks_path(path))
+    except (OSError, ValueError) as e:
+        raise SolError(f"cannot read per-block file {_blocks_path(path)}: {e}") from None
 
 
 def cmd_eval_mmlu(args) -> None:
@@ -441,6 +491,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at each policy budget also run matched, EMC, DAC and N random permutations (best-of-N "
                         "selected on the validation split)")
     e.add_argument("--selection-blocks", type=int, default=16, help="validation blocks for best-of-N and static-best selection (a seeded sample across documents)")
+    e.add_argument("--baselines", nargs="+", default=list(BASELINE_KINDS), choices=BASELINE_KINDS,
+                   help="which paper baselines to run: matched (matched, EMC, DAC), random (N trials + best-of-N), "
+                        "static (static-best); the pipeline runs each as its own job")
+    e.add_argument("--match-summary", metavar="CSV",
+                   help="match the baselines to the policy rows of this eval ppl summary (written by an earlier "
+                        "job) instead of scoring --controller; writes the baselines' rows only")
+    e.add_argument("--match", default="total", choices=["total", "axes"],
+                   help="total (default): baselines realise the policy's total keep (LM FLOPs + its own MACs); "
+                        "axes: the reference's rule, the policy's per-axis averages as they are")
     e.add_argument("--select-on-eval", action="store_true",
                    help="reference behaviour: pick best-of-N on the evaluation blocks themselves (optimistic)")
     e.add_argument("--time", action="store_true", help="time every decode step; report the ratio to dense")
@@ -448,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="execution mode (same numbers; compute really skips work, use it with --time)")
     e.add_argument("--out", help="summary CSV; per-block NLLs go to <out>.blocks.csv")
     e.set_defaults(func=cmd_eval_ppl)
+
+    mg = ev.add_parser("merge", help="concatenate eval ppl summaries of separate jobs (and their .blocks.csv)")
+    mg.add_argument("parts", nargs="+", help="summary CSVs")
+    mg.add_argument("--out", required=True)
+    mg.set_defaults(func=cmd_eval_merge)
 
     m = ev.add_parser("mmlu", help="MMLU through lm-eval (offline data) at matched compute")
     m.add_argument("--model", default="smollm2-135m")

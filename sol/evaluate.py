@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from baselines import BASELINE_KINDS
 from sol.actions import ActionSettings
 from sol.bench import StepTimer
 from sol.controllers import Controller, FixedAction, StepState
@@ -149,31 +150,51 @@ def static_sweep(runtime: Runtime, grid, blocks: torch.Tensor, context: int, epi
                          "flop_keep": keep.numpy()})
 
 
-def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch.Tensor, selection: torch.Tensor, grid, context: int, episode: int, batch: int = 8, n_random: int = 5,
+def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch.Tensor, selection: torch.Tensor,
+                    grid, context: int, episode: int, batch: int = 8, n_random: int = 5,
                     settings: ActionSettings | None = None, seed: int = 0, select_on_eval: bool = False,
-                    primary: str = "policy", memory_gb: float = 2.0):
+                    primary: str = "policy", memory_gb: float = 2.0, kinds=BASELINE_KINDS, match: str = "total"):
     """The reference's schedule baselines at every policy operating point (reference §8): the matched two-level mix
     at the policy's realised per-axis averages, N random permutations of it (best-of-N chosen on ``selection``
     blocks — a held-out split — unless ``select_on_eval``, the reference's optimistic choice), EMC and DAC. Plus
     ours, the strongest uniform baseline: ``static-best``, the one fixed grid action (joint levels of all axes) with
     the lowest NLL on the selection blocks among those whose FLOP keep is at most the policy's total keep (its LM FLOPs plus its own MACs).
 
+    ``match="total"`` (default): the schedule baselines' per-axis targets are shifted together until the matched
+    mix realises the policy's total keep (``flop_matched_targets``); ``match="axes"``: the reference's rule, the
+    policy's per-axis averages as they are (0.001–0.011 less FLOP keep than the policy, and none of its own MACs).
+    ``kinds``: which of ``BASELINE_KINDS`` to run (the pipeline runs each kind as its own job).
+
     Returns (summary rows, per-block rows) to append to the policy's; method names carry the operating point.
     """
-    from baselines.schedules import DriftController, EntropyController, Matched, RandomPermutation
+    from baselines.schedules import (DriftController, EntropyController, Matched, RandomPermutation,
+                                     flop_matched_targets)
 
     engine = Engine(model, settings or ActionSettings())
     runtime = Runtime(engine, grid)
     rows, blocks_out = [], []
     pol = summary[summary.method == primary]
     max_rows = rows_for_memory(engine, blocks.shape[1] + 1, memory_gb)
-    sweep = static_sweep(runtime, grid, selection, context, episode, max(max_rows, len(grid))) if len(pol) else None
+    unknown = set(kinds) - set(BASELINE_KINDS)
+    if unknown or match not in ("total", "axes"):
+        raise ValueError(f"unknown baseline kind or match rule: {sorted(unknown) or match}")
+    steps = blocks.shape[1] - context - 1
+    tables = [runtime.cost.keep_table(grid, context + t + 1) for t in range(steps)]
+    sweep = (static_sweep(runtime, grid, selection, context, episode, max(max_rows, len(grid)))
+             if len(pol) and "static" in kinds else None)
     for _, p in pol.iterrows():
-        targets = {"token_keep": p.token_keep, "prune_keep": p.prune_keep, "bits": p.bit_ratio * 16}
+        targets0 = {"token_keep": p.token_keep, "prune_keep": p.prune_keep, "bits": p.bit_ratio * 16}
+        targets = (flop_matched_targets(grid, targets0, float(p.total_keep), tables, episode) if match == "total"
+                   else targets0)
         point = float(p.budget)
         candidates = [("matched", Matched(grid, targets)), ("emc", EntropyController(grid, targets)),
-                      ("dac", DriftController(grid, targets))]
-        randoms = [(f"random:seed={seed + i}", RandomPermutation(grid, targets, seed=seed + i)) for i in range(n_random)]
+                      ("dac", DriftController(grid, targets))] if "matched" in kinds else []
+        randoms = []
+        for s in range(seed, seed + n_random) if "random" in kinds else []:  # each seed its own tracked targets
+            make = lambda t, s=s: RandomPermutation(grid, t, seed=s)  # noqa: E731
+            randoms.append((f"random:seed={s}", make(flop_matched_targets(
+                grid, targets0, float(p.total_keep), tables, episode, make, rows=len(blocks))
+                if match == "total" else targets0)))
         sel_ppl = {}
         for name, ctrl in randoms:
             r = run_blocks(runtime, Built(ctrl, grid), selection, 1.0, context, episode, batch, max_rows)
@@ -182,8 +203,9 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch
             r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, max_rows)
             rows.append(summary_row(name, point, r, model_name, seed, selection_ppl=sel_ppl.get(name, np.nan)))
             blocks_out += block_rows(name, point, r)
-        affordable = sweep[sweep.flop_keep <= p.total_keep + 1e-9]  # matched total compute: LM + controller MACs
-        if len(affordable):
+        affordable = (sweep[sweep.flop_keep <= p.total_keep + 1e-9] if sweep is not None  # LM + controller MACs
+                      else sweep)
+        if affordable is not None and len(affordable):
             best_static = affordable.loc[affordable.nll.idxmin()]
             ctrl = FixedAction(grid, grid[int(best_static.action)])
             r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, max_rows)
@@ -191,6 +213,8 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch
                                     selection_ppl=float(np.exp(best_static.nll)), selected_on="selection split"))
             blocks_out += block_rows("static-best", point, r)
         trials = [x for x in rows if x["method"].startswith("random:") and x["budget"] == point]
+        if not trials:
+            continue
         key = "ppl" if select_on_eval else "selection_ppl"
         best = min(trials, key=lambda x: x[key])
         rows.append({**best, "method": "random-best", "selected": best["method"],

@@ -133,3 +133,27 @@ def test_head_pruning_removes_flops_in_compute_mode(tiny):
 
     assert not torch.allclose(prefill(pruned), tiny(ids).logits, atol=1e-3)
     assert torch.allclose(prefill(prune_heads(tiny, imp, 1.0)), tiny(ids).logits, atol=1e-5)  # keep all = identity
+
+
+@pytest.mark.parametrize("goal", [0.6, 0.72, 0.85, 0.95])
+@pytest.mark.parametrize("episode", [8, 16])
+def test_flop_matched_targets_realise_the_goal_keep(runtime, goal, episode):
+    """Matched compute at total keep: matched, EMC, DAC and random realise the goal FLOP keep within one step's
+    resolution, on the decoded blocks (not only in the schedule simulation)."""
+    from baselines.schedules import flop_matched_targets, schedule_keep
+    from tests.test_train import one_step_resolution
+
+    context, steps = 40, 32
+    tables = [runtime.cost.keep_table(runtime.grid, context + t + 1) for t in range(steps)]
+    targets = flop_matched_targets(runtime.grid, TARGETS, goal, tables, episode)
+    res = one_step_resolution(runtime.grid, context, steps, episode)
+    assert abs(schedule_keep(Matched(runtime.grid, targets), tables, episode) - goal) <= res
+    blocks = torch.randint(0, 300, (3, context + steps + 1), generator=torch.Generator().manual_seed(2))
+    random = flop_matched_targets(runtime.grid, TARGETS, goal, tables, episode, rows=len(blocks),
+                                  make=lambda t: RandomPermutation(runtime.grid, t, seed=1))
+    for ctrl in (Matched(runtime.grid, targets), EntropyController(runtime.grid, targets),
+                 DriftController(runtime.grid, targets), RandomPermutation(runtime.grid, random, seed=1)):
+        keep = runtime.rollout(blocks, ctrl, 1.0, context=context, episode=episode).mean_flop_keep()
+        if ctrl.name == "random":  # positions are random per block, so is each block's keep: their mean tracks
+            keep = keep.mean()
+        assert (keep - goal).abs().max().item() <= res, ctrl.name

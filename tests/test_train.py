@@ -156,19 +156,46 @@ def test_policy_eval_with_paper_baselines(corpus, tmp_path):
     specs = [f"policy-tracked:{ck}", f"policy:{ck}"]
     summary, per_block = eval_ppl(model, "tiny-llama", blocks, specs, [0.7, 0.9], context=32, episode=8, batch=4)
     tracked = summary[summary.method == "policy-tracked"]
+    assert (tracked.total_keep > tracked.flop_keep).all()
     assert ((tracked.flop_keep - tracked.budget).abs() < 0.05).all()
     extra, extra_blocks = paper_baselines(model, "tiny-llama", summary, blocks, selection,
                                           build(specs[0]).grid, 32, 8, 4, n_random=2, primary="policy-tracked")
     assert {"matched", "emc", "dac", "random:seed=0", "random:seed=1", "random-best", "static-best"} == set(extra.method)
-    for b in (0.7, 0.9):
-        m = extra[(extra.method == "matched") & (extra.budget == b)].iloc[0]
+    res = one_step_resolution(build(specs[0]).grid, 32, 16, 8)
+    for b in (0.7, 0.9):  # matched compute: the schedule baselines track the policy's total keep within one step
         p = tracked[tracked.budget == b].iloc[0]
-        assert abs(m.prune_keep - p.prune_keep) < 0.1 and abs(m.bit_ratio - p.bit_ratio) < 0.15
+        for name in ("matched", "emc", "dac", "random:seed=0", "random:seed=1"):
+            m = extra[(extra.method == name) & (extra.budget == b)].iloc[0]
+            goal = min(p.total_keep, 1.0)  # the tiny LM's policy costs more than its LM: then dense is all there is
+            assert abs(m.flop_keep - goal) <= res, (name, b, m.flop_keep, p.total_keep, res)
     best = extra[extra.method.isin(["random-best", "static-best"])]
     assert (best.selected_on == "selection split").all()
     assert len(extra_blocks) == len(extra) * 4
     static = extra[extra.method == "static-best"].set_index("budget")
     assert (static.flop_keep <= tracked.set_index("budget").flop_keep + 1e-9).all()  # never more compute than SOL
+
+
+def one_step_resolution(grid, context: int, steps: int, episode: int) -> float:
+    """How far one step's choice moves an episode's mean FLOP keep: the largest keep change from moving one axis of
+    one action by one level, over the episode length (the granularity any per-axis schedule has)."""
+    from sol.cost import CostModel
+    from sol.models import load
+
+    from sol.actions import ActionSettings
+
+    cost = CostModel(load("tiny-llama")[0].config, ActionSettings())
+    worst = 0.0
+    for t in range(steps):
+        table = cost.keep_table(grid, context + t + 1)
+        idx = {(a.token_keep, a.prune_keep, a.bits): i for i, a in enumerate(grid.actions)}
+        for (k, p, b), i in idx.items():
+            for axis, levels in ((0, grid.token_keep), (1, grid.prune_keep), (2, grid.bits)):
+                key = [k, p, b]
+                j = list(levels).index(key[axis])
+                if j + 1 < len(levels):
+                    key[axis] = levels[j + 1]
+                    worst = max(worst, abs(float(table[idx[tuple(key)]] - table[i])))
+    return worst / episode
 
 
 def test_static_sweep_equals_each_fixed_action_alone():

@@ -1,5 +1,7 @@
 import os
 
+from baselines import BASELINE_KINDS
+
 # Shared settings. Every command string is built here in Python, so rules stay one line of `sol ...` each.
 CONFIG_FILE = str(workflow.overwrite_configfiles[-1]) if workflow.overwrite_configfiles else "workflow/configs/default.yaml"
 OUT = config["out"]
@@ -37,8 +39,9 @@ TEXT = (f"--model {MODEL} --data {config['data']} --context {EV['context']} --st
         f"--episode {EV['episode']} --blocks {EV['blocks']} --batch {EV['batch']} --memory-gb {EV.get('memory_gb', 2)} "
         f"--device {DEVICE}")
 CMD = {
-    "eval_ppl": (f"sol eval ppl {TEXT} --budget {words(EV['budgets'])} --paper-baselines {EV['random_trials']} "
-                 f"--selection-blocks {EV.get('selection_blocks', 16)}"),
+    "eval_policy": f"sol eval ppl {TEXT} --budget {words(EV['budgets'])}",
+    "eval_baselines": (f"sol eval ppl {TEXT} --paper-baselines {EV['random_trials']} "
+                       f"--selection-blocks {EV.get('selection_blocks', 16)} --match {EV.get('match', 'total')}"),
     "eval_uniform": f"sol eval ppl {TEXT} --controller dense {quoted(EV['uniform'])}",
     "eval_mmlu": (f"sol eval mmlu --model {MODEL} --budget {words(MM['budgets'])} --paper-baselines --style "
                   f"{MM['style']} --shots {MM['shots']} --per-subject {MM['per_subject']} --episode {EV['episode']} "

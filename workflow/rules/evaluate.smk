@@ -1,24 +1,65 @@
-rule eval_ppl:
-    """Policy at every budget + the paper's schedule baselines (matched, EMC, DAC, best-of-N random) + dense."""
-    priority: 9  # the critical path (train → eval_ppl → report) starts first
+rule eval_policy:
+    """The policy at every budget, and dense."""
+    priority: 9  # the critical path (train → eval_policy → eval_baselines → report) starts first
     input:
         policy=rules.train.output,
     output:
-        csv=f"{OUT}/ppl.csv",
-        blocks=f"{OUT}/ppl.blocks.csv",
+        csv=f"{OUT}/parts/ppl_policy.csv",
+        blocks=f"{OUT}/parts/ppl_policy.blocks.csv",
     log:
-        f"{OUT}/logs/eval_ppl.log",
+        f"{OUT}/logs/eval_policy.log",
     benchmark:
-        f"{OUT}/benchmarks/eval_ppl.tsv",
+        f"{OUT}/benchmarks/eval_policy.tsv",
     threads: SLOT
     params:
         env=env(),
-        cmd=CMD["eval_ppl"],
+        cmd=CMD["eval_policy"],
         primary=EV["primary"],
         secondary=lambda wc, input: f"{EV['secondary']}:{input.policy}" if EV.get("secondary") else "",
     shell:
         "{params.env} {params.cmd} --controller {params.primary}:{input.policy} {params.secondary} dense "
         "--out {output.csv} > {log} 2>&1"
+
+
+rule eval_baselines:
+    """One kind of the paper's baselines at every policy operating point, matched to the policy's total keep:
+    matched (matched mix, EMC, DAC), random (best-of-N permutations), static (static-best). Kinds run side by side."""
+    priority: 8
+    input:
+        policy=rules.train.output,
+        summary=rules.eval_policy.output.csv,
+    output:
+        csv=f"{OUT}/parts/ppl_{{kind}}.csv",
+        blocks=f"{OUT}/parts/ppl_{{kind}}.blocks.csv",
+    wildcard_constraints:
+        kind="|".join(BASELINE_KINDS),
+    log:
+        f"{OUT}/logs/eval_baselines_{{kind}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/eval_baselines_{{kind}}.tsv",
+    threads: SLOT
+    params:
+        env=env(),
+        cmd=CMD["eval_baselines"],
+        primary=EV["primary"],
+    shell:
+        "{params.env} {params.cmd} --controller {params.primary}:{input.policy} --baselines {wildcards.kind} "
+        "--match-summary {input.summary} --out {output.csv} > {log} 2>&1"
+
+
+rule eval_ppl:
+    """ppl.csv: the policy, dense and every paper baseline in one summary (and one per-block file)."""
+    input:
+        [f"{OUT}/parts/ppl_{kind}.csv" for kind in ("policy", *BASELINE_KINDS)],
+    output:
+        csv=f"{OUT}/ppl.csv",
+        blocks=f"{OUT}/ppl.blocks.csv",
+    log:
+        f"{OUT}/logs/eval_ppl.log",
+    params:
+        env=env(),
+    shell:
+        "{params.env} sol eval merge {input} --out {output.csv} > {log} 2>&1"
 
 
 rule eval_uniform:

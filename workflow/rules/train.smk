@@ -1,6 +1,6 @@
 rule train:
     """GRPO training of the policy (resumes from its latest checkpoint after an interruption)."""
-    priority: 10  # the critical path (train → eval_ppl → report) starts first
+    priority: 10  # the critical path (train → eval_policy → eval_baselines → report) starts first
     input:
         CONFIG_FILE,
     output:
