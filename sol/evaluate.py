@@ -131,22 +131,29 @@ def paired(per_block: pd.DataFrame, a: tuple[str, float], b: tuple[str, float]) 
 
 
 class _EveryAction(Controller):
-    """Row k of each block's group of |grid| rows runs grid action k at every step: all fixed actions at once."""
+    """Row k of each block's group of len(actions) rows runs grid action actions[k] at every step."""
 
     name = "every-action"
 
+    def __init__(self, grid, actions: list[int]):
+        super().__init__(grid)
+        self.actions = torch.tensor(actions, dtype=torch.long)
+
     def act(self, state: StepState) -> torch.Tensor:
-        return torch.arange(state.batch) % len(self.grid)
+        return self.actions[torch.arange(state.batch) % len(self.actions)]
 
 
-def static_sweep(runtime: Runtime, grid, blocks: torch.Tensor, context: int, episode: int, max_rows: int = 256
-                 ) -> pd.DataFrame:
-    """Every fixed (uniform) action of ``grid`` on ``blocks`` at once: each (block, episode) decoded from the shared
-    dense prefix as |grid| rows, row k running action k. Per action its mean NLL and realised FLOP keep."""
-    A = len(grid)
-    ro = runtime.score(blocks, _EveryAction(grid), 1.0, context, episode, max_rows=max(max_rows, A), rollouts=A)
+def static_sweep(runtime: Runtime, grid, blocks: torch.Tensor, context: int, episode: int, max_rows: int = 256,
+                 actions: list[int] | None = None) -> pd.DataFrame:
+    """Every fixed (uniform) action of ``grid`` (or of ``actions``, grid indices) on ``blocks`` at once: each
+    (block, episode) decoded from the shared dense prefix as one row per action. Per action its mean NLL and realised
+    FLOP keep."""
+    actions = list(range(len(grid))) if actions is None else list(actions)
+    A = len(actions)
+    ro = runtime.score(blocks, _EveryAction(grid, actions), 1.0, context, episode, max_rows=max(max_rows, A),
+                       rollouts=A)
     nll, keep = ro.nll.mean(-1).view(-1, A).mean(0), ro.mean_flop_keep().view(-1, A).mean(0)
-    return pd.DataFrame({"action": range(A), "tag": [a.tag for a in grid.actions], "nll": nll.numpy(),
+    return pd.DataFrame({"action": actions, "tag": [grid.actions[a].tag for a in actions], "nll": nll.numpy(),
                          "flop_keep": keep.numpy()})
 
 
@@ -180,8 +187,11 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch
         raise ValueError(f"unknown baseline kind or match rule: {sorted(unknown) or match}")
     steps = blocks.shape[1] - context - 1
     tables = [runtime.cost.keep_table(grid, context + t + 1) for t in range(steps)]
-    sweep = (static_sweep(runtime, grid, selection, context, episode, max(max_rows, len(grid)))
-             if len(pol) and "static" in kinds else None)
+    sweep = None
+    if len(pol) and "static" in kinds:  # only actions some operating point can afford (the others are never chosen)
+        mean_keep = torch.stack(tables).mean(0)
+        actions = [a for a in range(len(grid)) if mean_keep[a] <= pol.total_keep.max() + 1e-6]
+        sweep = static_sweep(runtime, grid, selection, context, episode, max(max_rows, len(actions)), actions)
     for _, p in pol.iterrows():
         targets0 = {"token_keep": p.token_keep, "prune_keep": p.prune_keep, "bits": p.bit_ratio * 16}
         targets = (flop_matched_targets(grid, targets0, float(p.total_keep), tables, episode) if match == "total"

@@ -385,10 +385,45 @@ def _table(df: pd.DataFrame, path_stem: Path) -> None:
     write_text(path_stem.with_suffix(".tex"), df.to_latex(index=False, float_format="%.4g"))
 
 
-def claims_markdown(claims: list[dict], prov: dict) -> str:
+def caveats(res: Path, primary: str = "policy") -> list[str]:
+    """What a reader of the verdicts should also know, from the same data: fixed baselines that beat the policy with
+    less compute, the static transforms' missing dense refresh, schedule baselines that coincide, the headroom
+    study's split."""
+    res = Path(res)
+    ppl, uni = _read(res / "ppl.csv"), _read(res / "ppl_uniform.csv")
+    notes = []
+    if ppl is not None and uni is not None:
+        for _, p in ppl[ppl.method == primary].sort_values("budget").iterrows():
+            cheaper = uni[(uni.method != "dense") & (uni.apply(_x, axis=1) <= _x(p) + 1e-9) & (uni.ppl < p.ppl)]
+            if len(cheaper):
+                u = cheaper.loc[cheaper.ppl.idxmin()]
+                notes.append(f"At budget {p.budget:g} the fixed baseline `{u.method}` beats {primary} with less "
+                             f"compute: ppl {u.ppl:.2f} at total keep {_x(u):.3f} vs {p.ppl:.2f} at {_x(p):.3f}.")
+    if uni is not None and uni.method.str.startswith(("weights:", "heads:")).any():
+        notes.append("`weights:` and `heads:` change the model itself, so their prefill and dense refresh run on the "
+                     "changed model: unlike SOL and every per-step baseline they never get the dense model's KV "
+                     "cache back (a handicap in perplexity; the compute they save in the prefill is not counted).")
+    if ppl is not None:
+        for b in sorted(ppl.loc[ppl.method == "matched", "budget"]):
+            d = ppl[np.isclose(ppl.budget, b)].set_index("method").ppl
+            same = [m for m in ("emc", "dac") if m in d and d[m] == d["matched"]]
+            if same:
+                notes.append(f"At budget {b:g} {' and '.join(x.upper() for x in same)} {'give' if len(same) > 1 else 'gives'} the matched mix's exact "
+                             f"perplexity: their content signal moves a step's probability of the high level by at most "
+                             f"γ/2 = 0.175, which flips no step where that probability is below 0.325 or above 0.675 "
+                             f"(a lopsided two-level mix).")
+    if (res / "headroom").is_dir() and any((res / "headroom").glob("headroom_*.csv")):
+        notes.append("The headroom study rows are measured on the test split, as every result here: they describe "
+                     "the headroom, and nothing (no grid, level or feature) was chosen from them.")
+    return notes
+
+
+def claims_markdown(claims: list[dict], prov: dict, notes: list[str] = ()) -> str:
     lines = ["# Claims check", "", "| # | claim (paper) | ours | verdict |", "|---|---|---|---|"]
     for i, c in enumerate(claims, 1):
         lines.append(f"| {i} | {c['paper']} | {c['ours']} | **{c['verdict']}** |")
+    if notes:
+        lines += ["", "## Also true of these results", ""] + [f"- {n}" for n in notes]
     lines += ["", "Provenance: " + ", ".join(f"{k}={prov[k]}" for k in sorted(prov) if k not in ("data_checksums", "inputs")),
               "", "Inputs (SHA-256, checked by `sol claims --check`): "
               + ", ".join(f"{k} {v[:12]}…" for k, v in sorted(prov.get("inputs", {}).items())), ""]
@@ -446,7 +481,7 @@ def build_report(res: Path, config_path: Path, model: str, primary: str = "polic
     claims = compute_claims(res, primary, claim_budget)
     prov = provenance(config_path, model, primary, res) | {"claim1_budget": claim_budget}
     write_json(res / "claims.json", {"claims": claims, "provenance": prov})
-    write_text(res / "claims.md", claims_markdown(claims, prov))
+    write_text(res / "claims.md", claims_markdown(claims, prov, caveats(res, primary)))
     return claims
 
 
@@ -516,7 +551,7 @@ def check(res: Path, config_path: Path | None = None) -> list[str]:
     md = res / "claims.md"
     if not md.is_file():
         problems.append(f"{md} is missing")
-    elif md.read_text() != claims_markdown(fresh, prov):
+    elif md.read_text() != claims_markdown(fresh, prov, caveats(res, prov.get("primary", "policy"))):
         problems.append(f"{md} differs from the claims the data give (regenerate it with sol report)")
     return problems
 

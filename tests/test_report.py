@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sol.report import build_report, check, compute_claims, sanity
+from sol.report import build_report, caveats, check, claims_markdown, compute_claims, sanity
 
 
 def _rows(method, budget, nll, keep):
@@ -193,8 +193,8 @@ def test_check_fails_on_every_tampering(tmp_path, what):
     head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     build_report(res, cfg, "tiny-llama")
     _tamper_claims(res, lambda d: d["provenance"].update(git_commit=head.strip()))
-    (res / "claims.md").write_text(__import__("sol.report", fromlist=["x"]).claims_markdown(
-        json.loads((res / "claims.json").read_text())["claims"], json.loads((res / "claims.json").read_text())["provenance"]))
+    doc = json.loads((res / "claims.json").read_text())
+    (res / "claims.md").write_text(claims_markdown(doc["claims"], doc["provenance"], caveats(res)))
     assert check(res, cfg) == [], check(res, cfg)
     tamper, needles = TAMPER[what]
     tamper(res)
@@ -245,3 +245,27 @@ def test_no_comparison_across_a_cliff_of_the_front():
     assert not _dense_enough(front, 0.80)   # 33 → 14 differ by 2.4x > 2
     assert _dense_enough(front.assign(ppl=[1700.0, 20.0, 14.0]), 0.80)
     assert not _dense_enough(front, 0.50)   # below the front's cheapest level
+
+
+def test_caveats_say_the_uncomfortable_things(tmp_path):
+    """claims.md names a fixed baseline that beats the policy with less compute, the static transforms' missing
+    refresh and coinciding schedule baselines, from the data (and the check holds it to them)."""
+    res = _results(tmp_path)
+    _uniform_and_oracle(res, 0.1)
+    assert not any("beats policy" in n for n in caveats(res))
+    u = pd.read_csv(res / "ppl_uniform.csv")
+    ub = pd.read_csv(res / "ppl_uniform.blocks.csv")
+    row, per = _rows("weights:int8-g64", np.nan, np.full(20, 2.0), 0.55)  # better than the policy at 0.6, cheaper
+    pd.concat([u, pd.DataFrame([row])]).to_csv(res / "ppl_uniform.csv", index=False)
+    pd.concat([ub, pd.DataFrame(per)]).to_csv(res / "ppl_uniform.blocks.csv", index=False)
+    notes = caveats(res)
+    assert any(n.startswith("At budget 0.6 the fixed baseline `weights:int8-g64` beats policy") for n in notes)
+    assert any("never get the dense model's KV" in n for n in notes)
+    ppl, blocks = pd.read_csv(res / "ppl.csv"), pd.read_csv(res / "ppl.blocks.csv")
+    for df in (ppl, blocks):  # EMC identical to matched at 0.8
+        for col in [c for c in ("ppl", "ppl_lo", "ppl_hi", "nll") if c in df]:
+            df.loc[(df.method == "emc") & np.isclose(df.budget, 0.8), col] = df.loc[
+                (df.method == "matched") & np.isclose(df.budget, 0.8), col].to_numpy()
+    ppl.to_csv(res / "ppl.csv", index=False)
+    blocks.to_csv(res / "ppl.blocks.csv", index=False)
+    assert any(n.startswith("At budget 0.8 EMC gives the matched mix's exact perplexity") for n in caveats(res))

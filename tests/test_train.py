@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import numpy as np
 import torch
 
 from sol.errors import SolError
@@ -213,6 +214,9 @@ def test_static_sweep_equals_each_fixed_action_alone():
     blocks = torch.randint(0, 300, (3, 49), generator=torch.Generator().manual_seed(0))
     sweep = static_sweep(runtime, grid, blocks, 32, 8, max_rows=2 * len(grid))
     assert len(sweep) == len(grid)
+    part = static_sweep(runtime, grid, blocks, 32, 8, max_rows=6, actions=[5, 1, 2])  # a subset: the same numbers
+    assert part.action.tolist() == [5, 1, 2]
+    assert np.allclose(part.nll, sweep.nll[[5, 1, 2]], atol=1e-6) and np.allclose(part.flop_keep, sweep.flop_keep[[5, 1, 2]])
     for a in range(len(grid)):
         ro = runtime.rollout(blocks, FixedAction(grid, grid[a]), 1.0, 32, episode=8)
         assert abs(ro.nll.mean().item() - sweep.nll[a]) < 1e-5
