@@ -151,7 +151,7 @@ def static_sweep(runtime: Runtime, grid, blocks: torch.Tensor, context: int, epi
     actions = list(range(len(grid))) if actions is None else list(actions)
     A = len(actions)
     ro = runtime.score(blocks, _EveryAction(grid, actions), 1.0, context, episode, max_rows=max(max_rows, A),
-                       rollouts=A)
+                       rollouts=A, desc=f"static sweep ({A} actions)")
     nll, keep = ro.nll.mean(-1).view(-1, A).mean(0), ro.mean_flop_keep().view(-1, A).mean(0)
     return pd.DataFrame({"action": actions, "tag": [grid.actions[a].tag for a in actions], "nll": nll.numpy(),
                          "flop_keep": keep.numpy()})
