@@ -76,6 +76,8 @@ def cmd_eval_ppl(args) -> None:
 
     _threads(args.threads)
     _check_budgets(args.budget)
+    if args.match_summary and not args.paper_baselines:
+        raise SolError("--match-summary only makes sense with --paper-baselines")
     model, tok = load(args.model, dtype=args.dtype, device=args.device)
     blocks = _text_blocks(args, tok, args.context + args.steps + 1)
     settings = ActionSettings(args.criterion, args.page_size, args.sinks, args.window, args.faithful)
@@ -83,8 +85,6 @@ def cmd_eval_ppl(args) -> None:
     if any(c.startswith("heads") for c in args.controller):  # head importance from the validation split
         calibration = torch.from_numpy(data.blocks(args.data, "validation", tok, args.context + args.steps + 1,
                                                    max_blocks=16))
-    if args.match_summary and not args.paper_baselines:
-        raise SolError("--match-summary only makes sense with --paper-baselines")
     if args.match_summary:  # the policy was scored by an earlier job: read its summary, run the baselines only
         summary, per_block = _read_summary(args.match_summary), pd.DataFrame()
     else:

@@ -49,3 +49,31 @@ def test_numeric_arguments_are_validated(tmp_path):
         assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert needle in r.stderr, r.stderr
         assert r.stdout == "" and not out.exists()
+
+
+def test_eval_merge(tmp_path):
+    """Parts of separate jobs merge into one summary and one per-block file; a (method, budget) twice, a missing
+    per-block file and --match-summary without --paper-baselines are one-line errors with no output."""
+    def part(name, methods):
+        rows = [{"method": m, "budget": 0.7, "token_keep": 1, "prune_keep": 1, "bit_ratio": 1, "total_keep": 1,
+                 "ppl": 2.0} for m in methods]
+        pd.DataFrame(rows).to_csv(tmp_path / f"{name}.csv", index=False)
+        pd.DataFrame([{"method": m, "budget": 0.7, "block": 0, "nll": 0.7} for m in methods]).to_csv(
+            tmp_path / f"{name}.blocks.csv", index=False)
+        return str(tmp_path / f"{name}.csv")
+
+    a, b = part("a", ["policy", "dense"]), part("b", ["matched", "emc"])
+    out = tmp_path / "ppl.csv"
+    r = _sol("eval", "merge", a, b, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert pd.read_csv(out).method.tolist() == ["policy", "dense", "matched", "emc"]
+    assert len(pd.read_csv(tmp_path / "ppl.blocks.csv")) == 4
+    bad = tmp_path / "bad.csv"
+    for args, needle in [([a, part("c", ["emc"]), b], "method 'emc' at budget 0.7 appears in two parts"),
+                         ([a, str(tmp_path / "none.csv")], "cannot read summary")]:
+        r = _sol("eval", "merge", *args, "--out", str(bad))
+        lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+        assert not bad.exists()
+    r = _sol("eval", "ppl", "--model", "tiny-llama", "--match-summary", a, "--out", str(bad))
+    assert r.returncode == 2 and "only makes sense with --paper-baselines" in r.stderr and not bad.exists()
