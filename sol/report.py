@@ -159,8 +159,11 @@ def _mmlu_claim(mmlu: pd.DataFrame | None, questions: pd.DataFrame | None, prima
            "dense_acc_hi": dense_ci[1], "at_chance": at_chance,
            "front": [str(front.loc[i, "method"]), str(front.loc[j, "method"])]}
     gold = ""
-    if "gold_ll" in q:
-        gref = (1 - w) * per_q(front.loc[i, "method"], "gold_ll") + w * per_q(front.loc[j, "method"], "gold_ll")
+    if "gold_ll" in q:  # against its own front: the accuracy front's levels can be picked by noise at chance
+        gll = uni.assign(gold_ll=[per_q(m, "gold_ll").mean() for m in uni.method])
+        gfront = pareto_front(gll, "flop_keep", "gold_ll", lower_is_better=False)
+        gi, gj, gw = bracket(gfront, x)
+        gref = (1 - gw) * per_q(gfront.loc[gi, "method"], "gold_ll") + gw * per_q(gfront.loc[gj, "method"], "gold_ll")
         gd, glo, ghi = paired_diff_ci(per_q(primary, "gold_ll", budget), gref)
         row |= {"gold_ll_delta": gd, "gold_ll_lo": glo, "gold_ll_hi": ghi}
         gold = f"; gold-choice log-likelihood {gd:+.3f} [{glo:+.3f}, {ghi:+.3f}] nats per question"
