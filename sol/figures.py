@@ -80,7 +80,7 @@ def pareto(df: pd.DataFrame, path, x: str = "flop_keep", y: str = "ppl", ylabel:
     if oracle is not None and len(oracle):
         o = oracle.sort_values(x)
         ax.plot(o[x], o[y], c="0.45", ls=(0, (6, 3)), lw=1.4, marker=MARKERS["oracle"], ms=4,
-                label="oracle bound (non-causal)")
+                label="greedy oracle (non-causal, not a bound)")
     if dense_line is not None:
         ax.axhline(dense_line, c="k", ls="-.", lw=0.8, label="dense")
     if lower_is_better:  # perplexity: log scale, and outliers (e.g. aggressive head pruning) clipped from view
