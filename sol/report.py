@@ -411,10 +411,10 @@ def caveats(res: Path, primary: str = "policy") -> list[str]:
             d = ppl[np.isclose(ppl.budget, b)].set_index("method").ppl
             same = [m for m in ("emc", "dac") if m in d and d[m] == d["matched"]]
             if same:
-                notes.append(f"At budget {b:g} {' and '.join(x.upper() for x in same)} {'give' if len(same) > 1 else 'gives'} the matched mix's exact "
-                             f"perplexity: their content signal moves a step's probability of the high level by at most "
-                             f"γ/2 = 0.175, which flips no step where that probability is below 0.325 or above 0.675 "
-                             f"(a lopsided two-level mix).")
+                who = " and ".join(x.upper() for x in same) + (" give" if len(same) > 1 else " gives")
+                notes.append(f"At budget {b:g} {who} the matched mix's exact perplexity: their content signal moves "
+                             f"a step's probability of the high level by at most γ/2 = 0.175, which flips no step "
+                             f"where that probability is below 0.325 or above 0.675 (a lopsided two-level mix).")
     if (res / "headroom").is_dir() and any((res / "headroom").glob("headroom_*.csv")):
         notes.append("The headroom study rows are measured on the test split, as every result here: they describe "
                      "the headroom, and nothing (no grid, level or feature) was chosen from them.")

@@ -186,9 +186,9 @@ def one_step_resolution(grid, context: int, steps: int, episode: int) -> float:
 
     cost = CostModel(load("tiny-llama")[0].config, ActionSettings())
     worst = 0.0
+    idx = {(a.token_keep, a.prune_keep, a.bits): i for i, a in enumerate(grid.actions)}
     for t in range(steps):
         table = cost.keep_table(grid, context + t + 1)
-        idx = {(a.token_keep, a.prune_keep, a.bits): i for i, a in enumerate(grid.actions)}
         for (k, p, b), i in idx.items():
             for axis, levels in ((0, grid.token_keep), (1, grid.prune_keep), (2, grid.bits)):
                 key = [k, p, b]
