@@ -81,12 +81,11 @@ def pareto(df: pd.DataFrame, path, x: str = "flop_keep", y: str = "ppl", ylabel:
         o = oracle.sort_values(x)
         ax.plot(o[x], o[y], c="0.45", ls=(0, (6, 3)), lw=1.4, marker=MARKERS["oracle"], ms=4,
                 label="greedy oracle (non-causal, not a bound)")
-    if dense_line is not None:
-        ax.axhline(dense_line, c="k", ls="-.", lw=0.8, label="dense")
-    if lower_is_better:  # perplexity: log scale, and outliers (e.g. aggressive head pruning) clipped from view
+    if dense_line is not None:  # the dense point is in the legend already
+        ax.axhline(dense_line, c="k", ls="-.", lw=0.8)
+    if lower_is_better:  # perplexity: the region where the fronts compete; far-off levels (damage curves) clipped
         lo = df[y].min()
-        ax.set_yscale("log")
-        ax.set_ylim(lo * 0.97, min(df[y].max() * 1.05, lo * 2.5))
+        ax.set_ylim(lo * 0.99, min(df[y].max() * 1.02, lo * 1.3))
     ax.set_xlabel({"flop_keep": "FLOP keep (bit-weighted, fvcore)", "net_keep": "net keep (κ+ρ+b/16)/3"}.get(x, x))
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
@@ -104,7 +103,8 @@ def budget_adherence(df: pd.DataFrame, path) -> None:
         ax.plot(d.budget, d.flop_keep, marker=m, mfc="none", c="0.5", ls=":", lw=0.8, label=f"{method}: LM only")
     if "keep_floor" in df and df.keep_floor.notna().any():  # below it no schedule on the grid can go
         ax.axhline(df.keep_floor.max(), c="0.3", lw=0.8, ls="-.", label=f"grid floor {df.keep_floor.max():.3f}")
-    lo, hi = df.budget.min() - 0.05, 1.0
+    floor = df.keep_floor.max() if "keep_floor" in df and df.keep_floor.notna().any() else 1.0
+    lo, hi = min(df.budget.min(), floor) - 0.05, 1.0
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("requested FLOP keep (budget)")
