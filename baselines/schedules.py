@@ -83,6 +83,11 @@ class BudgetTracker(_PerAxis):
         super().__init__(grid, targets)
         self.gamma = gamma
 
+    @property
+    def open_loop(self) -> bool:
+        """Without a content signal the mix depends on its own history only."""
+        return self.gamma == 0 and type(self).signal is BudgetTracker.signal
+
     def signal(self, state: StepState) -> torch.Tensor:
         """Per-row difficulty u ∈ [0, 1] (½ = no information)."""
         return torch.full((state.batch,), 0.5, dtype=torch.float64)
@@ -155,6 +160,7 @@ class RandomPermutation(_PerAxis):
     not depend on how blocks are batched."""
 
     name = "random"
+    open_loop = True
 
     def __init__(self, grid: ActionGrid, targets: dict[str, float], seed: int = 0):
         super().__init__(grid, targets)

@@ -271,7 +271,7 @@ def select_tokens(q: torch.Tensor, keys: torch.Tensor, kv_len: int, token_keep: 
     g = Hq // Hkv
     qg = q.float().view(B, Hkv, g, hd)
     score = qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)  # [B,Hkv,g,P]
-    top = score.view(B, Hq, n_pages).topk(n, dim=-1, sorted=False).indices.sort(-1).values  # [B,Hq,n]
+    top = _best(score.view(B, Hq, n_pages), n).sort(-1).values                               # [B,Hq,n]
     pos = (top + first).unsqueeze(-1) * page + torch.arange(page, device=dev)            # [B,Hq,n,page]
     valid = (pos >= lo) & (pos < hi)
     pos = pos.clamp(max=kv_len - 1).flatten(2)
@@ -281,7 +281,74 @@ def select_tokens(q: torch.Tensor, keys: torch.Tensor, kv_len: int, token_keep: 
     return idx, valid
 
 
+def _best(score: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the n highest scores along the last dim, best first; equal scores go to the lower index (a query
+    of zeros scores every page 0: the choice must not depend on the batch or on the kernel)."""
+    return score.sort(dim=-1, descending=True, stable=True).indices[..., :n]
+
+
 def topk_channels(x: torch.Tensor, prune_keep: float) -> torch.Tensor:
     """Indices [B, k] of the k = ⌈ρ·D⌉ largest-|x| channels of x[B, D]."""
     k = n_kept_channels(prune_keep, x.shape[-1])
     return x.abs().topk(k, dim=-1, sorted=False).indices
+
+
+def quest_pages(token_keep: list[float], kv_lens: list[int], s: ActionSettings) -> list[int]:
+    """Pages each query selects (``token_layout``), one per (level, key length) pair; a level that keeps every key
+    selects every candidate page (with the forced sinks and window that is every key, i.e. dense)."""
+    out, memo = [], {}
+    for t, n in zip(token_keep, kv_lens):
+        if (t, n) not in memo:
+            sinks, window, k = token_layout(t, n, s)
+            memo[(t, n)] = _n_middle_pages(n, sinks, window, s.page_size) if keeps_all(t, n, s) else k
+        out.append(memo[(t, n)])
+    return out
+
+
+def quest_mask(q: torch.Tensor, keys: torch.Tensor, pos: int, n_pages: torch.Tensor, s: ActionSettings
+               ) -> torch.Tensor:
+    """Which keys each query attends to under QUEST, for T consecutive queries at once (no left padding).
+
+    q: [B, Hq, T, hd] queries at positions pos..pos+T−1 (query j sees the ``pos + j + 1`` keys before it, itself
+    included); keys: [B, Hkv, pos + T, hd]; n_pages: [B, T] pages each query selects (``quest_pages``).
+    Returns allowed [B, Hq, T, pos + T] (bool): exactly the keys :func:`select_tokens` returns for each query alone.
+
+    Page metadata is computed once for all queries; a candidate page that also holds keys a query cannot see yet
+    (possible only when window < page_size) gets that query's own metadata over the keys it sees."""
+    B, Hq, T, hd = q.shape
+    Hkv, K = keys.shape[1], pos + T
+    page, dev = s.page_size, q.device
+    P = -(-K // page)
+    n = [pos + j + 1 for j in range(T)]
+    sinks = [min(s.forced_sinks, m) for m in n]
+    window = [min(s.forced_window, m - a) for m, a in zip(n, sinks)]
+    lo, hi = torch.tensor(sinks, device=dev), torch.tensor([m - w for m, w in zip(n, window)], device=dev)
+    k = keys[:, :, :K].float()
+    fill = P * page - K
+    k_hi = torch.cat([k, k.new_full((B, Hkv, fill, hd), float("-inf"))], 2) if fill else k
+    k_lo = torch.cat([k, k.new_full((B, Hkv, fill, hd), float("inf"))], 2) if fill else k
+    kmax = k_hi.view(B, Hkv, P, page, hd).amax(3)
+    kmin = k_lo.view(B, Hkv, P, page, hd).amin(3)
+    g = Hq // Hkv
+    qg = q.float().reshape(B, Hkv, g * T, hd)
+    score = (qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)).view(B, Hq, T, P)
+    for j, m in enumerate(n):  # the page holding key m−1 is partial for query j: its metadata stops at key m−1
+        p = (m - 1) // page
+        if m % page and p <= (m - window[j] - 1) // page:  # (never when window ≥ page_size, as by default)
+            mx, mn = k[:, :, p * page:m].amax(2), k[:, :, p * page:m].amin(2)  # [B, Hkv, hd]
+            qj = qg.view(B, Hkv, g, T, hd)[:, :, :, j]
+            score[:, :, j, p] = (qj.clamp(min=0) @ mx[..., None] + qj.clamp(max=0) @ mn[..., None]).reshape(B, Hq)
+    page_idx = torch.arange(P, device=dev)
+    first, last = lo // page, (hi - 1).div(page, rounding_mode="floor")
+    candidate = (page_idx >= first[:, None]) & (page_idx <= last[:, None]) & (hi > lo)[:, None]  # [T, P]
+    score = score.masked_fill(~candidate, float("-inf"))
+    n_pages = n_pages.to(dev)
+    most = int(n_pages.max()) if n_pages.numel() else 0
+    chosen = torch.zeros(B, Hq, T, P, dtype=torch.bool, device=dev)
+    if most:
+        top = _best(score, most)                                                 # [B, Hq, T, most], best first
+        chosen.scatter_(-1, top, (torch.arange(most, device=dev) < n_pages[:, None, :, None]).expand_as(top))
+    key = torch.arange(K, device=dev)
+    middle = (key >= lo[:, None]) & (key < hi[:, None])                          # [T, K]
+    forced = (key < lo[:, None]) | ((key >= hi[:, None]) & (key < torch.tensor(n, device=dev)[:, None]))
+    return (chosen.index_select(-1, key // page) & middle) | forced

@@ -48,6 +48,8 @@ class Controller:
     """Base class: override :meth:`act`; :meth:`start_episode` is called before each episode's first step."""
 
     name = "controller"
+    open_loop = False  # True: act() reads no LM output (hidden, embedding, prev_logits, probe are None for it), so
+                       # the runtime may decide a whole episode first and run its steps as one causal LM call
 
     def __init__(self, grid: ActionGrid):
         self.grid = grid
@@ -65,6 +67,7 @@ class Controller:
 
 class Dense(Controller):
     name = "dense"
+    open_loop = True
 
     def act(self, state: StepState) -> torch.Tensor:
         return torch.full((state.batch,), self.grid.dense_index, dtype=torch.long)
@@ -72,6 +75,8 @@ class Dense(Controller):
 
 class FixedAction(Controller):
     """The same grid action at every step (true uniform compression when the action is one level per axis)."""
+
+    open_loop = True
 
     def __init__(self, grid: ActionGrid, action: Action):
         super().__init__(grid)

@@ -5,7 +5,9 @@ called directly, and this module owns the orchestration (KV cache, attention, ML
 
 * ``extend(ids, cache)`` — dense, causal multi-token forward (prefill, dense refresh). It takes **no action
   argument**: no action state can ever leak into a prefill (the reference's bug §12.1).
-* ``step(ids, cache, token_keep, prune_keep, bits)`` — one decode step; each batch row has its own action.
+* ``step(ids, cache, token_keep, prune_keep, bits)`` — one decode step; each batch row has its own action. With
+  ``ids [B, T]`` and actions ``[B, T]``: T consecutive steps in one causal call (actions decided in advance), the same
+  maths as T single steps.
   ``mode="simulate"`` masks keys, zeroes channels and fake-quantises over full-size tensors (what the reference
   does); ``mode="compute"`` really does less work: it gathers only the kept KV pages for attention and reads only
   the kept columns of W_gate/W_up (``embedding_bag`` with per-sample weights is a column-sparse GEMV). Both modes
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from sol.actions import ActionSettings, fake_quant, keeps_all, select_tokens, topk_channels
+from sol.actions import (ActionSettings, fake_quant, keeps_all, quest_mask, quest_pages, select_tokens,
+                         topk_channels)
 from sol.errors import SolError
 
 MODES = ("simulate", "compute")
@@ -153,29 +156,51 @@ class Engine(nn.Module):
     @torch.no_grad()
     def step(self, ids: torch.Tensor, cache: KVCache, token_keep: torch.Tensor, prune_keep: torch.Tensor,
              bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Process ``ids [B]`` at position ``cache.length`` under row-wise actions; return (logits [B,V], hidden [B,D])."""
-        B = ids.shape[0]
-        prune_keep, bits = prune_keep.to(self.device), bits.to(self.device)
+        """Process ``ids [B]`` at position ``cache.length`` under row-wise actions ``[B]``; return (logits [B,V],
+        hidden [B,D]).
+
+        ``ids [B, T]`` with actions ``[B, T]`` runs T consecutive decode steps as one causal call (teacher forcing
+        with the actions decided in advance: ``Controller.open_loop``). Token j attends to the cache and to tokens
+        ..j under its own action, and every token's MLP runs under its own action, so this is the same maths as T
+        single steps, with the KV cache read once and every GEMM over B·T rows. Returns [B, T, ·]. (``compute``
+        mode runs the T steps one by one.)"""
+        single = ids.dim() == 1
+        if single:
+            ids, token_keep, prune_keep, bits = ids[:, None], token_keep[:, None], prune_keep[:, None], bits[:, None]
+        B, T = ids.shape
+        if self.mode == "compute" and T > 1:
+            out = [self.step(ids[:, j], cache, token_keep[:, j], prune_keep[:, j], bits[:, j]) for j in range(T)]
+            return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1)
+        prune_keep, bits = prune_keep.to(self.device).reshape(-1), bits.to(self.device).reshape(-1)
         pos = cache.length
-        cache.reserve(pos + 1)
-        x = self.embed(ids).unsqueeze(1)  # [B,1,D]
-        cos, sin = self._rope(pos, 1, B, x, cache.pad)
-        kv_len = pos + 1
+        cache.reserve(pos + T)
+        x = self.embed(ids)  # [B,T,D]
+        cos, sin = self._rope(pos, T, B, x, cache.pad)
+        kv_len = pos + T
         pads = [0] * B if cache.pad is None else cache.pad.tolist()
-        groups = _groups([(1.0 if keeps_all(t, kv_len - p, self.settings) else t, p)
-                          for t, p in zip(_levels(token_keep), pads)], lambda g: g, self.device)
+        levels = _levels(token_keep.t().reshape(-1))  # query j of row b at [j * B + b]
+        groups = [_groups([(1.0 if keeps_all(t, pos + j + 1 - p, self.settings) else t, p)
+                           for t, p in zip(levels[j * B:(j + 1) * B], pads)], lambda g: g, self.device)
+                  for j in range(T)]
+        pages = None  # QUEST without padding: every query's key set in one vectorised pass (quest_mask)
+        if self.mode == "simulate" and self.settings.criterion == "quest" and not any(pads) and \
+                not all(t >= 1.0 for g in groups for t, _ in g):
+            pages = torch.tensor(quest_pages(levels, [pos + j + 1 for j in range(T) for _ in range(B)],
+                                             self.settings)).view(T, B).t()
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             q, k, v = self._qkv(a, layer.input_layernorm(x), cos, sin)
-            cache.k[i][:, :, pos] = k[:, :, 0]
-            cache.v[i][:, :, pos] = v[:, :, 0]
+            cache.k[i][:, :, pos:kv_len] = k
+            cache.v[i][:, :, pos:kv_len] = v
             keys, vals = self._heads(i, cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len])
-            o = self._attend_step(q[:, :, 0], keys, vals, kv_len, groups)  # [B,Hq,hd]
-            x = x + a.o_proj(o.reshape(B, 1, -1))
-            x = x + self.mlps[i](layer.post_attention_layernorm(x)[:, 0], prune_keep, bits).unsqueeze(1)
+            o = self._attend_step(q, keys, vals, pos, groups, pages)  # [B,Hq,T,hd]
+            x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+            h = layer.post_attention_layernorm(x).reshape(B * T, -1)
+            x = x + self.mlps[i](h, prune_keep, bits).view(B, T, -1)
         cache.length = kv_len
-        hidden = self.norm(x)[:, 0]
-        return self.lm_head(hidden), hidden
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden)
+        return (logits[:, 0], hidden[:, 0]) if single else (logits, hidden)
 
     # ---------------------------------------------------------------------------------------------------------------
     def _rope(self, start, T, B, x, pad=None):
@@ -212,27 +237,35 @@ class Engine(nn.Module):
         p = s.softmax(-1, dtype=torch.float32).to(q.dtype)
         return (p.view(B, n_kv, g * T, -1) @ vals).view(B, Hq, T, hd)
 
-    def _attend_step(self, q, keys, vals, kv_len, groups):
-        """q [B,Hq,hd]; groups: {(token_keep, pad): row indices}. Returns [B,Hq,hd].
-
-        A row with ``pad`` leading pad slots is computed on its own keys ``[pad:kv_len]`` (exactly as if unpadded)."""
-        B, Hq = q.shape[:2]
-        if all(t >= 1.0 and p == 0 for t, p in groups):
-            return self._attend_dense(q.unsqueeze(2), keys, vals, None)[:, :, 0]
+    def _attend_step(self, q, keys, vals, pos, groups, pages=None):
+        """q [B,Hq,T,hd] for positions pos..pos+T−1; groups[j]: {(token_keep, pad): row indices} of query j;
+        pages: [B, T] QUEST pages per query (simulate mode, no padding: one vectorised mask). Returns [B,Hq,T,hd].
+        A row with ``pad`` leading pad slots is computed on its own keys ``[pad:]`` (exactly as if unpadded); query j
+        never sees a key past pos + j."""
+        B, Hq, T = q.shape[:3]
+        kv_len = pos + T
+        slot = torch.arange(kv_len, device=q.device)
+        causal = slot <= pos + torch.arange(T, device=q.device)[:, None]  # [T, K]
+        if all(t >= 1.0 and p == 0 for g in groups for t, p in g):
+            return self._attend_dense(q, keys, vals, None if T == 1 else causal)
+        if pages is not None:
+            return self._attend_dense(q, keys, vals, quest_mask(q, keys, pos, pages, self.settings))
         if self.mode == "simulate":
-            slot = torch.arange(kv_len, device=q.device)
-            allowed = torch.ones(B, Hq, kv_len, dtype=torch.bool, device=q.device)
-            for (t, p), rows in groups.items():
-                if t < 1.0:
-                    idx, valid = select_tokens(q[rows], keys[rows, :, p:], kv_len - p, t, self.settings)
-                    m = torch.zeros(len(rows), Hq, kv_len + 1, dtype=torch.bool, device=q.device)
-                    m.scatter_(-1, (idx + p).masked_fill(~valid, kv_len), True)  # invalid slots: a spare column
-                    allowed[rows] = m[..., :kv_len]
-                elif p:
-                    allowed[rows] = (slot >= p).expand(len(rows), Hq, -1)
-            return self._attend_dense(q.unsqueeze(2), keys, vals, allowed.unsqueeze(2))[:, :, 0]
+            allowed = causal.expand(B, Hq, T, kv_len).clone()
+            for j, g in enumerate(groups):
+                n = pos + j + 1  # keys visible to query j
+                for (t, p), rows in g.items():
+                    if t < 1.0:
+                        idx, valid = select_tokens(q[rows, :, j], keys[rows, :, p:], n - p, t, self.settings)
+                        m = torch.zeros(len(rows), Hq, kv_len + 1, dtype=torch.bool, device=q.device)
+                        m.scatter_(-1, (idx + p).masked_fill(~valid, kv_len), True)  # invalid slots: a spare column
+                        allowed[rows, :, j] = m[..., :kv_len]
+                    elif p:
+                        allowed[rows, :, j] &= slot >= p
+            return self._attend_dense(q, keys, vals, allowed)
+        q = q[:, :, 0]  # compute mode: one step (step() runs several one by one)
         out = q.new_empty(q.shape)
-        for (t, p), rows in groups.items():
+        for (t, p), rows in groups[0].items():
             qr, kr, vr = q[rows], keys[rows, :, p:kv_len], vals[rows, :, p:kv_len]
             if t >= 1.0:
                 out[rows] = self._attend_dense(qr.unsqueeze(2), kr, vr, None)[:, :, 0]
@@ -245,10 +278,12 @@ class Engine(nn.Module):
             s = s.masked_fill(~valid, torch.finfo(s.dtype).min)
             p_ = s.softmax(-1, dtype=torch.float32).to(q.dtype)
             out[rows] = (p_.unsqueeze(-2) @ v_sel).squeeze(-2)
-        return out
+        return out.unsqueeze(2)
+
 
 class MLPStep(nn.Module):
-    """One layer's MLP for a decode step, x [B,D] → [B,D], under per-row prune keep and bits.
+    """One layer's MLP for decode steps, x [N,D] → [N,D] (one row per row and step), under per-row prune keep and
+    bits.
 
     A module of its own so that FLOP counters attribute its work (and its bit-weighting) to ``mlps.<layer>``.
     """

@@ -134,6 +134,7 @@ class _EveryAction(Controller):
     """Row k of each block's group of len(actions) rows runs grid action actions[k] at every step."""
 
     name = "every-action"
+    open_loop = True
 
     def __init__(self, grid, actions: list[int]):
         super().__init__(grid)

@@ -156,7 +156,8 @@ class Runtime:
                 context: int, episode: int | None = None, record_hidden: bool = False,
                 free_running: bool = False, rollouts: int = 1, keep_distributions: bool = False,
                 pad: torch.Tensor | None = None, steps: torch.Tensor | None = None, start: tuple | None = None,
-                n_steps: int | None = None, row_ids: torch.Tensor | None = None, offset: int = 0) -> Rollout:
+                n_steps: int | None = None, row_ids: torch.Tensor | None = None, offset: int = 0,
+                stepwise: bool = False) -> Rollout:
         """Teacher-forced decode of ``blocks [B, context + T + 1]``; see the module docstring.
 
         With ``free_running`` each step's greedy token is written into ``blocks`` as the next input (in place).
@@ -172,6 +173,11 @@ class Runtime:
         :class:`sol.prefix.DensePrefix` episode start); no prefill is run. ``n_steps``: decode only the first
         ``n_steps`` steps (later tokens stay readable by lookahead probes). ``row_ids [B]`` (default: the row's block
         within ``blocks``) and ``offset`` (the first step's index within its block) are handed to the controller.
+        An open-loop controller (``Controller.open_loop``: dense, uniform, static, matched, random) reads no LM output,
+        so each episode is decided first and its steps run as one causal call, ``Engine.step(ids [B, S])``: the same
+        maths as S single steps (fp64-exact; in fp32 a fake-quantised value on a rounding boundary may round the other
+        way, as it may between two batchings), with the KV cache read once per episode and GEMMs over B·S rows
+        (simulate mode, untimed, teacher-forced). ``stepwise`` runs it step by step anyway (the reference path).
         """
         e = self.engine
         host = blocks  # controllers and records live on the CPU; the LM runs on e.device
@@ -217,64 +223,92 @@ class Runtime:
         dense = torch.empty(B, T, dtype=torch.float64)
         seen = torch.empty(B, T, h.shape[-1]) if record_hidden else None
         ep_start, spent, n_eff, prev = 0, torch.zeros(B), 0, torch.full((B,), -1, dtype=torch.long)
+        # an open-loop controller reads no LM output: each episode is decided first, then run as one causal LM call
+        open_loop = (controller.open_loop and not stepwise and self.timer is None and not free_running
+                     and e.mode == "simulate")
         controller.start_episode(B, budget)
-        for t in range(T):
-            pos = context + t
-            kv_len = pos + 1
-            tok = blocks[:, pos]
-            live = int((row_steps > t).sum()) if shrink else B  # rows 0..live-1 are still scored
-            lengths = cache.real_lengths(kv_len)
+
+        def decide(u: int) -> None:
+            """Step u's action and its bookkeeping (budget spent, keeps, MACs: only the keep tables are needed)."""
+            nonlocal spent, n_eff, prev
+            pos = context + u
+            lengths = cache.real_lengths(pos + 1)
             effective = e.settings.effective(min(lengths))
             table = self._row_tables(lengths)
-            state = StepState(t=t - ep_start, episode_len=(row_steps - ep_start).clamp(1, episode), kv_len=kv_len,
-                              effective=effective, hidden=h.float().cpu(), token=tok.cpu(),
-                              embedding=e.embed(tok).float().cpu(), prev_logits=prev_logits.cpu(), budget=budget,
-                              spent=spent.clone(), n_effective=n_eff, prev_action=prev.clone(), keep_table=table,
+            tok = blocks[:, pos]
+            lm = not open_loop  # what only a step-by-step run can hand over
+            state = StepState(t=u - ep_start, episode_len=(row_steps - ep_start).clamp(1, episode), kv_len=pos + 1,
+                              effective=effective, hidden=h.float().cpu() if lm else None, token=tok.cpu(),
+                              embedding=e.embed(tok).float().cpu() if lm else None,
+                              prev_logits=prev_logits.cpu() if lm else None, budget=budget, spent=spent.clone(),
+                              n_effective=n_eff, prev_action=prev.clone(), keep_table=table,
                               probe=self._prober(blocks, cache, pos) if getattr(controller, "needs_probe", False)
                               else None, rows=row_ids, offset=offset + ep_start)
-            def decide_and_step():
-                a = controller.act(state) if effective else None
-                if a is None:
-                    a = torch.full((B,), self.grid.dense_index, dtype=torch.long)
-                if live == B:
-                    return (a, *e.step(tok, cache, self._tk[a], self._pk[a], self._bits[a]))
-                sub, al = cache.rows(0, live), a[:live]
-                lg, hd = e.step(tok[:live], sub, self._tk[al], self._pk[al], self._bits[al])
-                cache.length = sub.length
-                return a, torch.cat([lg, prev_logits[live:]]), torch.cat([hd, h[live:]])
-
-            if self.timer is None:
-                a, logits, h = decide_and_step()
-            else:
-                box = []
-                step_ms[t] = self.timer(lambda: box.append(decide_and_step()))
-                a, logits, h = box[0]
-            lp = logits.float().log_softmax(-1)
-            if dists is not None:
-                dists[:, t] = lp.cpu()
-            top = lp.argmax(-1)
-            greedy[:, t] = top.cpu()
-            if free_running:
-                blocks[:, pos + 1] = top
-            logp[:, t] = lp.gather(1, blocks[:, pos + 1:pos + 2]).squeeze(1).cpu()
-            logp[live:, t] = 0.0
-            acts[:, t], eff_all[t] = a, effective
-            dense[:, t] = torch.tensor([self._dense_macs(n_) for n_ in lengths], dtype=torch.float64)
-            keep[:, t] = table.gather(1, a[:, None])[:, 0]
-            if seen is not None:
-                seen[:, t] = state.hidden
+            a = controller.act(state) if effective else None
+            a = torch.full((B,), self.grid.dense_index, dtype=torch.long) if a is None else a
+            acts[:, u], eff_all[u] = a, effective
+            dense[:, u] = torch.tensor([self._dense_macs(n_) for n_ in lengths], dtype=torch.float64)
+            keep[:, u] = table.gather(1, a[:, None])[:, 0]
+            if seen is not None and lm:
+                seen[:, u] = state.hidden
             if effective:
-                spent += keep[:, t]
+                spent += keep[:, u]
                 n_eff += 1
-            prev, prev_logits = a, logits
-            if (t + 1 - ep_start) == episode and t + 1 < T:  # dense refresh of the finished episode
+            prev = a
+
+        def advance(t: int, stop: int, live: int) -> None:
+            """Decide steps t..stop−1, then run them as one LM call on rows 0..live−1 (rows past their end keep their
+            last state), split by rows so that its logits stay within the vocabulary-sized buffers per row that
+            ``rows_for_memory`` budgets."""
+            nonlocal h, prev_logits
+            for u in range(t, stop):
+                decide(u)
+            S = stop - t
+            chunk = live if S == 1 else max(1, 8 * B // S)
+            new_h, new_logits = (None, None) if chunk >= B else (h.clone(), prev_logits.clone())
+            for i in range(0, live, chunk):
+                j = min(live, i + chunk)
+                a = acts[i:j, t:stop]
+                sub = cache if (i, j) == (0, B) else cache.rows(i, j)
+                lg, hd = e.step(blocks[i:j, context + t:context + stop], sub, self._tk[a], self._pk[a], self._bits[a])
+                lg, hd = (lg[:, None], hd[:, None]) if lg.dim() == 2 else (lg, hd)
+                lp = lg.float().log_softmax(-1)
+                top = lp.argmax(-1)
+                greedy[i:j, t:stop] = top.cpu()
+                if free_running:  # one step at a time
+                    blocks[i:j, context + t + 1] = top[:, 0]
+                logp[i:j, t:stop] = lp.gather(2, blocks[i:j, context + t + 1:context + stop + 1, None])[..., 0].cpu()
+                if dists is not None:
+                    dists[i:j, t:stop] = lp.cpu()
+                if seen is not None and open_loop:  # what each step's controller would have seen: the previous position
+                    seen[i:j, t:stop] = torch.cat([h[i:j, None], hd[:, :-1]], 1).float().cpu()
+                if new_h is None:
+                    new_h, new_logits = hd[:, -1], lg[:, -1]
+                else:
+                    new_h[i:j], new_logits[i:j] = hd[:, -1], lg[:, -1]
+            cache.length = context + stop
+            logp[live:, t:stop] = 0.0
+            if seen is not None and open_loop and live < B:
+                seen[live:, t:stop] = h[live:, None].float().cpu()
+            h, prev_logits = (h, prev_logits) if new_h is None else (new_h, new_logits)
+
+        t = 0
+        while t < T:
+            stop = min(ep_start + episode, T) if open_loop else t + 1  # steps of this LM call
+            live = int((row_steps > t).sum()) if shrink else B  # rows 0..live-1 are still scored
+            if self.timer is None:
+                advance(t, stop, live)
+            else:
+                step_ms[t] = self.timer(lambda: advance(t, stop, live))
+            t = stop
+            if t - ep_start == episode and t < T:  # dense refresh of the finished episode
                 cache.length = context + ep_start
-                live = int((row_steps > t + 1).sum()) if shrink else B
+                live = int((row_steps > t).sum()) if shrink else B
                 sub = cache if live == B else cache.rows(0, live)
-                logits_r, hid_r = e.extend(blocks[:live, context + ep_start:pos + 1], sub, last_only=True)
+                logits_r, hid_r = e.extend(blocks[:live, context + ep_start:context + t], sub, last_only=True)
                 cache.length = sub.length
                 h, prev_logits = torch.cat([hid_r[:, -1], h[live:]]), torch.cat([logits_r[:, -1], prev_logits[live:]])
-                ep_start, spent, n_eff = t + 1, torch.zeros(B), 0
+                ep_start, spent, n_eff = t, torch.zeros(B), 0
                 prev = torch.full((B,), -1, dtype=torch.long)
                 controller.start_episode(B, budget)
         if free_running:

@@ -5,8 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sol.actions import (Action, ActionGrid, ActionSettings, fake_quant, grid_from, keeps_all, select_tokens,
-                         token_layout, topk_channels)
+from sol.actions import (Action, ActionGrid, ActionSettings, fake_quant, grid_from, keeps_all, quest_mask,
+                         quest_pages, select_tokens, token_layout, topk_channels)
 from sol.errors import SolError
 
 
@@ -111,3 +111,30 @@ def test_grid_errors():
         ActionGrid(token_keep=(0.0, 1.0))
     with pytest.raises(SolError, match="unknown action grid 'J-9L'"):
         grid_from("J-9L")
+
+
+@pytest.mark.parametrize("s", [ActionSettings(), ActionSettings(page_size=4, sinks=2, window=1),
+                               ActionSettings(page_size=5, sinks=3, window=2), ActionSettings(faithful=True),
+                               ActionSettings(page_size=3, sinks=0, window=0)])
+def test_quest_mask_is_select_tokens_for_every_query(s):
+    """The vectorised mask (T queries, per-query levels, running page metadata) keeps exactly the keys that
+    select_tokens keeps for each query alone, partial pages and dense levels included."""
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, hd, pos, T = 3, 4, 2, 8, 37, 6
+    q = torch.randn(B, Hq, T, hd, generator=g, dtype=torch.float64)
+    q[0, :, 1] = 0  # a query of zeros: every page scores 0, ties go to the lower page in both
+    keys = torch.randn(B, Hkv, pos + T, hd, generator=g, dtype=torch.float64)
+    levels = torch.tensor([0.1, 0.3, 0.6, 1.0])[torch.randint(0, 4, (B, T), generator=g)]
+    lv = [round(float(v), 6) for v in levels.t().reshape(-1)]
+    pages = torch.tensor(quest_pages(lv, [pos + j + 1 for j in range(T) for _ in range(B)], s)).view(T, B).t()
+    mask = quest_mask(q, keys, pos, pages, s)
+    for b in range(B):
+        for j in range(T):
+            n, level = pos + j + 1, float(levels[b, j])
+            want = torch.zeros(Hq, pos + T + 1, dtype=torch.bool)
+            if keeps_all(level, n, s):
+                want[:, :n] = True
+            else:
+                idx, valid = select_tokens(q[b:b + 1, :, j], keys[b:b + 1], n, level, s)
+                want.scatter_(-1, idx[0].masked_fill(~valid[0], pos + T), True)  # invalid: the spare column
+            assert torch.equal(mask[b, :, j], want[:, :-1]), (b, j, level)

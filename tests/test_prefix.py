@@ -41,11 +41,12 @@ CONTROLLERS = {
 
 
 def _sequential(rt, blocks, make, budget, episode, batch):
-    """Today's path: chunks of ``batch`` blocks, each prefilled and refreshed by its own rollout."""
+    """The reference path: chunks of ``batch`` blocks, each prefilled and refreshed by its own rollout, step by
+    step."""
     ctrl = make()
     if hasattr(ctrl, "prepare"):
         ctrl.prepare(rt, blocks, budget, CONTEXT, episode)
-    parts = [rt.rollout(blocks[i:i + batch], ctrl, budget, CONTEXT, episode=episode,
+    parts = [rt.rollout(blocks[i:i + batch], ctrl, budget, CONTEXT, episode=episode, stepwise=True,
                         row_ids=torch.arange(i, min(len(blocks), i + batch))) for i in range(0, len(blocks), batch)]
     return torch.cat([p.logprobs for p in parts]), torch.cat([p.actions for p in parts]), \
         torch.cat([p.flop_keep for p in parts])
@@ -75,8 +76,65 @@ def test_shared_prefix_equals_sequential(tiny, blocks, kind, mode, episode):
     lp0, a0, k0 = _sequential(rt, blocks, make, 0.6, episode, batch=2)
     lp1, a1, k1 = _shared(rt, blocks, make, 0.6, episode, max_rows=3)
     assert torch.equal(a0, a1), kind
-    assert torch.allclose(lp0, lp1, atol=1e-5), (kind, (lp0 - lp1).abs().max())
     assert torch.equal(k0, k1)
+    diff = (lp0 - lp1).abs()
+    if not make().open_loop:
+        assert diff.max() <= 1e-5, (kind, diff.max())
+    else:  # one causal call per episode (other GEMM shapes): a fake-quantised value that sits on a rounding boundary
+        # in fp32 may round the other way (it does between two sequential batchings too); fp64 is exact, below
+        assert (diff > 1e-5).sum() <= 2 and diff.max() <= 1e-3, (kind, diff.max())
+
+
+OPEN_LOOP = [k for k in CONTROLLERS if k in ("dense", "uniform", "matched", "random")]
+
+
+@pytest.mark.parametrize("kind", OPEN_LOOP)
+@pytest.mark.parametrize("episode", [None, 4, 5])
+def test_open_loop_episodes_are_exact_in_fp64(tiny, blocks, kind, episode):
+    """An open-loop controller's episode as one causal multi-token call computes what its T single steps compute:
+    in fp64, where no fake-quantised value lands on an fp32 rounding boundary, the NLLs agree to 1e-9."""
+    assert CONTROLLERS[kind](grid_from("J-3L"), 8).open_loop
+    model = tiny.to(torch.float64)
+    try:
+        grid = grid_from("J-3L")
+        rt = Runtime(Engine(model, ActionSettings(page_size=4, sinks=2, window=4)), grid)
+        make = lambda: CONTROLLERS[kind](grid, model.config.hidden_size)  # noqa: E731
+        lp0, a0, k0 = _sequential(rt, blocks, make, 0.6, episode, batch=2)
+        lp1, a1, k1 = _shared(rt, blocks, make, 0.6, episode, max_rows=3)
+        assert torch.equal(a0, a1) and torch.equal(k0, k1)
+        assert (lp0 - lp1).abs().max() <= 1e-9, (lp0 - lp1).abs().max()
+    finally:
+        tiny.to(torch.float32)
+
+
+def test_multi_token_step_is_the_same_as_single_steps(tiny_llama):
+    """Engine.step with ids [B, T]: per-(row, step) actions, ragged rows (pad), QUEST; fp64, both modes."""
+    model = tiny_llama.to(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(1)
+        B, C, T = 3, 20, 6
+        ids = torch.randint(0, 300, (B, C + T), generator=g)
+        pad = torch.tensor([0, 3, 5])
+        tk = torch.tensor([0.3, 0.6, 1.0])[torch.randint(0, 3, (B, T), generator=g)]
+        pk = torch.tensor([0.4, 0.8, 1.0])[torch.randint(0, 3, (B, T), generator=g)]
+        bits = torch.tensor([5, 8, 16])[torch.randint(0, 3, (B, T), generator=g)]
+        for mode in ("simulate", "compute"):
+            e = Engine(model, ActionSettings(page_size=4, sinks=2, window=3), mode)
+            caches = []
+            for _ in range(2):
+                c = e.new_cache(B, C + T)
+                c.pad, c.length = pad, pad.max().item()
+                for t in c.k + c.v:
+                    t.zero_()
+                e.extend(ids[:, pad.max():C], c)  # padding slots: zeros that no query attends to
+                caches.append(c)
+            one = [e.step(ids[:, C + j], caches[0], tk[:, j], pk[:, j], bits[:, j]) for j in range(T)]
+            logits, hidden = e.step(ids[:, C:], caches[1], tk, pk, bits)
+            assert logits.shape[:2] == (B, T) and caches[0].length == caches[1].length
+            assert torch.allclose(torch.stack([o[0] for o in one], 1), logits, atol=1e-9), mode
+            assert torch.allclose(torch.stack([o[1] for o in one], 1), hidden, atol=1e-9), mode
+    finally:
+        tiny_llama.to(torch.float32)
 
 
 @pytest.mark.parametrize("transform", ["weights", "heads"])
@@ -149,3 +207,31 @@ def test_context_memo_serves_later_controllers_bitwise(tiny, mode):
         ro = rt.rollout(blocks, make(), 0.6, L, episode=3, pad=pad, steps=steps)
         assert torch.equal(ro.logprobs, ref.logprobs) and torch.equal(ro.actions, ref.actions)
     assert prefix.CONTEXTS.misses == 3 and prefix.CONTEXTS.hits == 6  # 3 distinct contexts, 2 later controllers
+
+
+@pytest.mark.parametrize("kind", OPEN_LOOP)
+def test_open_loop_rollout_matches_stepwise_on_ragged_rows(tiny_llama, kind):
+    """Runtime.rollout itself takes the open-loop path (MMLU: ragged contexts with ``pad``, per-row ``steps``, dense
+    refresh inside): records, hidden states seen and full distributions match the step-by-step run (fp64)."""
+    model = tiny_llama.to(torch.float64)
+    try:
+        grid = grid_from("J-3L")
+        rt = Runtime(Engine(model, ActionSettings(page_size=4, sinks=2, window=4)), grid)
+        g = torch.Generator().manual_seed(5)
+        B, C, T = 4, 20, 9
+        blocks = torch.randint(0, 300, (B, C + T + 1), generator=g)
+        pad, steps = torch.tensor([0, 2, 5, 1]), torch.tensor([9, 7, 4, 2])  # non-increasing: finished rows skipped
+        out = []
+        for stepwise in (True, False):
+            ctrl = CONTROLLERS[kind](grid, model.config.hidden_size)
+            out.append(rt.rollout(blocks, ctrl, 0.6, C, episode=4, pad=pad, steps=steps, record_hidden=True,
+                                  keep_distributions=True, stepwise=stepwise))
+        a, b = out
+        valid = torch.arange(T)[None] < steps[:, None]
+        assert torch.equal(a.actions, b.actions) and torch.equal(a.flop_keep, b.flop_keep)
+        assert (a.logprobs - b.logprobs)[valid].abs().max() <= 1e-9
+        assert (a.hidden - b.hidden)[valid].abs().max() <= 1e-6  # recorded in fp32
+        assert (a.extras["log_distributions"] - b.extras["log_distributions"])[valid].abs().max() <= 1e-6
+        assert torch.equal(a.extras["greedy"][valid], b.extras["greedy"][valid])
+    finally:
+        tiny_llama.to(torch.float32)
