@@ -206,8 +206,9 @@ def uniform_action(grid: ActionGrid, targets: dict[str, float]) -> Action:
                + abs(x.bits - t["bits"]) / DENSE_BITS)
 
 
-def flop_matched_targets(grid: ActionGrid, targets: dict[str, float], goal: float, keep_tables: list[torch.Tensor],
-                         episode: int, make=None, rows: int = 1, iters: int = 40) -> dict[str, float]:
+def flop_matched_targets(grid: ActionGrid, targets: dict[str, float], goal: float,
+                         keep_tables: list[torch.Tensor] | None = None, episode: int | None = None, make=None,
+                         rows: int = 1, iters: int = 40, keep_of=None) -> dict[str, float]:
     """Per-axis targets whose schedule realises mean FLOP keep ``goal`` (the policy's *total* keep: its LM FLOPs plus
     its own MACs), not only the policy's per-axis averages.
 
@@ -219,7 +220,9 @@ def flop_matched_targets(grid: ActionGrid, targets: dict[str, float], goal: floa
     each scored step's key length, [A] each) their mean FLOP keep, are known before any token is decoded.
     ``make(targets)``: the schedule (default: the matched mix); ``rows``: rows simulated (block ids 0..rows−1, as the
     scored set numbers them: a random schedule differs per block). ``episode``: steps per dense-refresh episode.
-    Returns targets in the same units as ``targets`` (bits in bits)."""
+    ``keep_of(controller)`` (instead of ``keep_tables``/``episode``): the mean FLOP keep a schedule realises, e.g. a dry
+    rollout over MMLU's ragged batches (``SolLM.spend``). Returns targets in the same units as ``targets`` (bits in
+    bits)."""
     make = make or (lambda t: Matched(grid, t))
     levels = {a: axis_values(grid, a) for a in AXES}
     base = {a: (targets.get(a, max(grid.bits) if a == "bits" else 1.0) / (DENSE_BITS if a == "bits" else 1.0))
@@ -234,7 +237,8 @@ def flop_matched_targets(grid: ActionGrid, targets: dict[str, float], goal: floa
         return out
 
     def keep(lam: float) -> float:
-        return schedule_keep(make(shifted(lam)), keep_tables, episode, rows)
+        ctrl = make(shifted(lam))
+        return keep_of(ctrl) if keep_of else schedule_keep(ctrl, keep_tables, episode, rows)
 
     lo, hi = -1.0, 1.0
     if keep(hi) <= goal:

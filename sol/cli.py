@@ -177,7 +177,7 @@ def cmd_eval_mmlu(args) -> None:
 
     def run(lm, budget):
         lm.budget = budget if budget == budget else 1.0
-        lm.stats.clear()
+        lm.reset_usage()
         summary, questions = mmlu.evaluate(lm, tasks, group, args.per_subject or None, args.seed)
         name = lm.built.controller.name
         rows.append({"method": name, "budget": budget, "acc": summary["acc"], "acc_norm": summary["acc_norm"],
@@ -190,14 +190,18 @@ def cmd_eval_mmlu(args) -> None:
         lm = SolLM(model=args.model, controller=spec, pretrained=model, tokenizer=tok, episode=args.episode)
         for budget in (args.budget if lm.built.uses_budget else [float("nan")]):
             usage = run(lm, budget)
-            if args.paper_baselines and lm.built.uses_budget:  # the matched mix at the policy's realised averages
-                from baselines.schedules import Matched
+            if args.paper_baselines and lm.built.uses_budget:  # the matched mix at the policy's total keep
+                from baselines.schedules import Matched, flop_matched_targets
 
                 from sol.registry import Built
 
+                grid = lm.built.grid
                 targets = {"token_keep": usage["token_keep"], "prune_keep": usage["prune_keep"],
                            "bits": usage["bit_ratio"] * 16}
-                matched = Built(Matched(lm.built.grid, targets), lm.built.grid)
+                if args.match == "total":  # on the very questions, batches and episodes just scored (dry runs)
+                    targets = flop_matched_targets(grid, targets, usage["total_keep"], iters=30,
+                                                   keep_of=lambda ctrl: lm.spend(ctrl)["flop_keep"])
+                matched = Built(Matched(grid, targets), grid)
                 run(SolLM(model=args.model, controller=matched, pretrained=model, tokenizer=tok,
                           episode=args.episode), budget)
     df = pd.DataFrame(rows)
@@ -522,7 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--per-subject", type=int, default=0, help="first N questions per subject (default: all 14,042)")
     m.add_argument("--episode", type=int, default=16)
     m.add_argument("--paper-baselines", action="store_true",
-                   help="after each policy budget, run the matched two-level mix at the policy's realised averages")
+                   help="after each policy budget, run the matched two-level mix at the policy's total keep")
+    m.add_argument("--match", default="total", choices=["total", "axes"],
+                   help="total (default): the matched mix realises the policy's total keep (LM + its MACs) on the same "
+                        "questions; axes: the reference's rule, the policy's per-axis averages as they are")
     m.add_argument("--dtype", default="float32")
     m.add_argument("--device", default="cpu")
     m.add_argument("--threads", type=int, default=None)

@@ -63,6 +63,12 @@ class KVCache:
         self.k = [grow(t) for t in self.k]
         self.v = [grow(t) for t in self.v]
 
+    @classmethod
+    def lengths_only(cls, batch: int, length: int, pad: torch.Tensor | None = None) -> "KVCache":
+        """A cache that holds no keys, only lengths (``Runtime.rollout(dry=True)``: what a schedule would spend)."""
+        none = [torch.empty(batch, 0, 0, 0)]
+        return cls(none, none, length, pad)
+
     def repeat_rows(self, n: int) -> "KVCache":
         """Row r of the result is row r // n of this cache (B blocks → B·n rollout rows)."""
         pad = None if self.pad is None else self.pad.repeat_interleave(n, 0)

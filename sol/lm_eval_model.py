@@ -54,6 +54,7 @@ class SolLM(LM):
         self.budget, self.episode, self.max_length = float(budget), int(episode), int(max_length)
         self.batch_groups = max(1, int(batch_groups))  # request groups (questions) scored as one ragged batch
         self.stats = defaultdict(float)
+        self.scored: list[tuple] = []  # the ragged batches scored since reset_usage(): (blocks, pad, steps, context)
 
     # --- tokenisation as lm-eval's HFLM does it ---------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -96,8 +97,10 @@ class SolLM(LM):
             pads.append(L - len(ctx))
             steps.append(len(c))
         blocks = torch.tensor(rows)
-        ro = self.runtime.rollout(blocks, self.built.controller, self.budget, L - 1, episode=self.episode,
-                                  pad=torch.tensor(pads) if len(prepared) > 1 else None, steps=torch.tensor(steps))
+        batch = (blocks, torch.tensor(pads) if len(prepared) > 1 else None, torch.tensor(steps), L - 1)
+        ro = self.runtime.rollout(blocks, self.built.controller, self.budget, batch[3], episode=self.episode,
+                                  pad=batch[1], steps=batch[2])
+        self.scored.append(batch)
         out = [[None] * len(conts) for _, conts in prepared]
         for i, ((g, j), n) in enumerate(zip(order, steps)):
             target = blocks[i, L:L + n]
@@ -179,6 +182,24 @@ class SolLM(LM):
                 text = text.split(stop)[0]
             outs.append(text)
         return outs
+
+    def reset_usage(self) -> None:
+        self.stats.clear()
+        self.scored.clear()
+
+    def spend(self, controller) -> dict:
+        """What an open-loop ``controller`` (matched, random, uniform) would spend on the very rows scored since
+        ``reset_usage()``: the usage of a dry rollout over the same ragged batches (no LM runs)."""
+        saved, self.stats = self.stats, defaultdict(float)
+        try:
+            for blocks, pad, steps, context in self.scored:
+                ro = self.runtime.rollout(blocks, controller, self.budget, context, episode=self.episode, pad=pad,
+                                          steps=steps, dry=True)
+                for i, n in enumerate(steps.tolist()):
+                    self._count(ro, i, n)
+            return self.usage()
+        finally:
+            self.stats = saved
 
     def usage(self) -> dict:
         n = max(self.stats["steps"], 1)

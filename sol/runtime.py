@@ -23,7 +23,7 @@ from tqdm import tqdm
 from sol.actions import ActionGrid
 from sol.controllers import Controller, StepState
 from sol.cost import CostModel
-from sol.engine import Engine
+from sol.engine import Engine, KVCache
 from sol.prefix import CONTEXTS, dense_prefix
 
 
@@ -157,7 +157,7 @@ class Runtime:
                 free_running: bool = False, rollouts: int = 1, keep_distributions: bool = False,
                 pad: torch.Tensor | None = None, steps: torch.Tensor | None = None, start: tuple | None = None,
                 n_steps: int | None = None, row_ids: torch.Tensor | None = None, offset: int = 0,
-                stepwise: bool = False) -> Rollout:
+                stepwise: bool = False, dry: bool = False) -> Rollout:
         """Teacher-forced decode of ``blocks [B, context + T + 1]``; see the module docstring.
 
         With ``free_running`` each step's greedy token is written into ``blocks`` as the next input (in place).
@@ -178,6 +178,8 @@ class Runtime:
         maths as S single steps (fp64-exact; in fp32 a fake-quantised value on a rounding boundary may round the other
         way, as it may between two batchings), with the KV cache read once per episode and GEMMs over B·S rows
         (simulate mode, untimed, teacher-forced). ``stepwise`` runs it step by step anyway (the reference path).
+        ``dry`` (open-loop controllers only): decide every step and keep the books (actions, keeps, MACs) without
+        running the LM: what a schedule would spend on these rows (log-probs are 0).
         """
         e = self.engine
         host = blocks  # controllers and records live on the CPU; the LM runs on e.device
@@ -202,7 +204,12 @@ class Runtime:
         episode = episode or T
         row_steps = torch.full((B,), T) if steps is None else steps.cpu().long().clamp(1, T)
         shrink = steps is not None and bool((row_steps[:-1] >= row_steps[1:]).all())  # finished rows are a suffix
-        if start is not None:
+        if dry and (not controller.open_loop or free_running):
+            raise ValueError("a dry rollout needs an open-loop controller and teacher forcing")
+        if dry:  # key lengths only: no KV, no LM state
+            cache, prev_logits, h = KVCache.lengths_only(B, context, pad), torch.empty(B, 0), torch.empty(B, 0)
+            rollouts = 1
+        elif start is not None:
             cache, prev_logits, h = start
         elif pad is not None:
             cache, prev_logits, h = self._prefill_ragged(blocks, pad, context, n + 1)
@@ -224,8 +231,8 @@ class Runtime:
         seen = torch.empty(B, T, h.shape[-1]) if record_hidden else None
         ep_start, spent, n_eff, prev = 0, torch.zeros(B), 0, torch.full((B,), -1, dtype=torch.long)
         # an open-loop controller reads no LM output: each episode is decided first, then run as one causal LM call
-        open_loop = (controller.open_loop and not stepwise and self.timer is None and not free_running
-                     and e.mode == "simulate")
+        open_loop = dry or (controller.open_loop and not stepwise and self.timer is None and not free_running
+                            and e.mode == "simulate")
         controller.start_episode(B, budget)
 
         def decide(u: int) -> None:
@@ -263,6 +270,10 @@ class Runtime:
             nonlocal h, prev_logits
             for u in range(t, stop):
                 decide(u)
+            if dry:
+                cache.length = context + stop
+                logp[:, t:stop] = 0.0
+                return
             S = stop - t
             chunk = live if S == 1 else max(1, 8 * B // S)
             new_h, new_logits = (None, None) if chunk >= B else (h.clone(), prev_logits.clone())
@@ -302,12 +313,14 @@ class Runtime:
                 step_ms[t] = self.timer(lambda: advance(t, stop, live))
             t = stop
             if t - ep_start == episode and t < T:  # dense refresh of the finished episode
-                cache.length = context + ep_start
-                live = int((row_steps > t).sum()) if shrink else B
-                sub = cache if live == B else cache.rows(0, live)
-                logits_r, hid_r = e.extend(blocks[:live, context + ep_start:context + t], sub, last_only=True)
-                cache.length = sub.length
-                h, prev_logits = torch.cat([hid_r[:, -1], h[live:]]), torch.cat([logits_r[:, -1], prev_logits[live:]])
+                if not dry:
+                    cache.length = context + ep_start
+                    live = int((row_steps > t).sum()) if shrink else B
+                    sub = cache if live == B else cache.rows(0, live)
+                    logits_r, hid_r = e.extend(blocks[:live, context + ep_start:context + t], sub, last_only=True)
+                    cache.length = sub.length
+                    h = torch.cat([hid_r[:, -1], h[live:]])
+                    prev_logits = torch.cat([logits_r[:, -1], prev_logits[live:]])
                 ep_start, spent, n_eff = t, torch.zeros(B), 0
                 prev = torch.full((B,), -1, dtype=torch.long)
                 controller.start_episode(B, budget)

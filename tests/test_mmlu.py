@@ -91,3 +91,37 @@ def test_batched_scoring_equals_one_question_at_a_time(tiny_llama, controller):
     assert np.abs(scores[0] - scores[1]).max() < 1e-4
     assert usage[0]["steps"] == usage[1]["steps"]
     assert usage[0]["flop_keep"] == pytest.approx(usage[1]["flop_keep"], abs=1e-9)
+
+
+def test_matched_mix_realises_a_total_keep_on_the_same_questions(tiny_llama):
+    """MMLU's matched mix is matched on the questions just scored: a dry rollout over the recorded ragged batches
+    spends exactly what the real run spends, and the bisected targets realise the goal keep within one step."""
+    from types import SimpleNamespace
+
+    from baselines.schedules import EntropyController, Matched, flop_matched_targets
+    from sol.lm_eval_model import SolLM
+    from sol.models import byte_tokenizer
+    from sol.registry import Built
+
+    tok = byte_tokenizer()
+    qs = [q for q in mmlu.load_test() if q["subject"] == "anatomy"][:8]
+    reqs = [SimpleNamespace(args=(f"Question: {q['question'].strip()}\nAnswer:", " " + c)) for q in qs
+            for c in q["choices"]]
+    lm = SolLM(model="tiny-llama", controller="uniform:0.5,1,8", pretrained=tiny_llama, tokenizer=tok,
+               batch_groups=4)
+    lm.loglikelihood(reqs, disable_tqdm=True)
+    grid = lm.built.grid
+    goal = 0.8
+    targets = flop_matched_targets(grid, {"token_keep": 0.6, "prune_keep": 1.0, "bits": 8}, goal, iters=30,
+                                   keep_of=lambda c: lm.spend(c)["flop_keep"])
+    dry = lm.spend(Matched(grid, targets))
+    real = SolLM(model="tiny-llama", controller=Built(Matched(grid, targets), grid), pretrained=tiny_llama,
+                 tokenizer=tok, batch_groups=4)
+    real.loglikelihood(reqs, disable_tqdm=True)
+    assert real.usage() == dry  # the books of a dry run are the real run's
+    with pytest.raises(ValueError, match="open-loop"):  # a controller that reads the LM cannot be run dry
+        lm.runtime.rollout(*lm.scored[0][:1], EntropyController(grid, targets), 1.0, lm.scored[0][3], dry=True)
+    # rows of equal continuation length follow the same schedule, so the keep is a step function of the targets whose
+    # jumps are a few steps wide: within 4 steps' largest swing of the goal
+    table = lm.runtime.cost.keep_table(grid, 16)
+    assert abs(dry["flop_keep"] - goal) <= 4 * float(table.max() - table.min()) / dry["steps"]

@@ -45,7 +45,7 @@ CMD = {
     "eval_uniform": f"sol eval ppl {TEXT} --controller dense {quoted(EV['uniform'])}",
     "eval_mmlu": (f"sol eval mmlu --model {MODEL} --budget {words(MM['budgets'])} --paper-baselines --style "
                   f"{MM['style']} --shots {MM['shots']} --per-subject {MM['per_subject']} --episode {EV['episode']} "
-                  f"--device {DEVICE}"),
+                  f"--match {EV.get('match', 'total')} --device {DEVICE}"),
     "bench": (f"sol bench --model {MODEL} --kv-len {words(config['bench']['kv_len'])} "
               f"--steps {config['bench']['steps']} --device {DEVICE}"),
     "profile": (f"sol profile --model {MODEL} --data {config['data']} --context {EV['context']} "
