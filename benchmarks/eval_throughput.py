@@ -5,8 +5,10 @@ replaces and against a plain HF teacher-forced forward over the same blocks, in 
 
 Controllers: dense, one uniform level, the policy (if --policy exists) and the matched mix at the policy's realised
 per-axis averages. "sequential" is the path every controller took before: chunks of --batch blocks, each prefilled and
-refreshed by its own rollout. "shared" excludes the one-off dense pass, which is reported on its own line (it serves
-every controller, budget and baseline of a run). Prints ratios measured here; it is not a test.
+refreshed by its own rollout, step by step. "shared" is today's: the shared dense prefix, (block, episode) rows, and
+for open-loop controllers (dense, uniform, matched) one causal LM call per episode; it excludes the one-off dense pass,
+which is reported on its own line (it serves every controller, budget and baseline of a run). Prints ratios measured
+here; it is not a test.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def main() -> None:
         rt = Runtime(engine, grid)
         t0 = time.perf_counter()
         seq = torch.cat([rt.rollout(blocks[i:i + a.batch], ctrl, a.budget, a.context, episode=a.episode,
-                                    row_ids=torch.arange(i, min(N, i + a.batch))).logprobs
+                                    row_ids=torch.arange(i, min(N, i + a.batch)), stepwise=True).logprobs
                          for i in range(0, N, a.batch)])
         t_seq = time.perf_counter() - t0
         t0 = time.perf_counter()
