@@ -264,9 +264,9 @@ class Runtime:
             prev = a
 
         def advance(t: int, stop: int, live: int) -> None:
-            """Decide steps t..stop−1, then run them as one LM call on rows 0..live−1 (rows past their end keep their
-            last state), split by rows so that its logits stay within the vocabulary-sized buffers per row that
-            ``rows_for_memory`` budgets."""
+            """Decide steps t..stop−1, then run them as one LM call ([rows, S, ·]) on rows 0..live−1 (rows past their
+            end keep their last state), split by rows so that its logits stay within the vocabulary-sized buffers per
+            row that ``rows_for_memory`` budgets."""
             nonlocal h, prev_logits
             for u in range(t, stop):
                 decide(u)
@@ -282,7 +282,6 @@ class Runtime:
                 a = acts[i:j, t:stop]
                 sub = cache if (i, j) == (0, B) else cache.rows(i, j)
                 lg, hd = e.step(blocks[i:j, context + t:context + stop], sub, self._tk[a], self._pk[a], self._bits[a])
-                lg, hd = (lg[:, None], hd[:, None]) if lg.dim() == 2 else (lg, hd)
                 lp = lg.float().log_softmax(-1)
                 top = lp.argmax(-1)
                 greedy[i:j, t:stop] = top.cpu()
