@@ -305,21 +305,23 @@ def quest_pages(token_keep: list[float], kv_lens: list[int], s: ActionSettings) 
     return out
 
 
-def quest_mask(q: torch.Tensor, keys: torch.Tensor, pos: int, n_pages: torch.Tensor, s: ActionSettings
-               ) -> torch.Tensor:
+def quest_mask(q: torch.Tensor, keys: torch.Tensor, pos: int, n_pages: torch.Tensor, s: ActionSettings,
+               alternatives: bool = False) -> torch.Tensor:
     """Which keys each query attends to under QUEST, for T consecutive queries at once (no left padding).
 
     q: [B, Hq, T, hd] queries at positions pos..pos+T−1 (query j sees the ``pos + j + 1`` keys before it, itself
     included); keys: [B, Hkv, pos + T, hd]; n_pages: [B, T] pages each query selects (``quest_pages``).
     Returns allowed [B, Hq, T, pos + T] (bool): exactly the keys :func:`select_tokens` returns for each query alone.
+    ``alternatives``: the T queries all sit at position ``pos`` (candidate actions for one step,
+    ``Engine.step_alternatives``): keys [B, Hkv, pos + 1, hd], allowed [B, Hq, T, pos + 1].
 
     Page metadata is computed once for all queries; a candidate page that also holds keys a query cannot see yet
     (possible only when window < page_size) gets that query's own metadata over the keys it sees."""
     B, Hq, T, hd = q.shape
-    Hkv, K = keys.shape[1], pos + T
+    Hkv, K = keys.shape[1], pos + (1 if alternatives else T)
     page, dev = s.page_size, q.device
     P = -(-K // page)
-    n = [pos + j + 1 for j in range(T)]
+    n = [pos + 1] * T if alternatives else [pos + j + 1 for j in range(T)]
     sinks = [min(s.forced_sinks, m) for m in n]
     window = [min(s.forced_window, m - a) for m, a in zip(n, sinks)]
     lo, hi = torch.tensor(sinks, device=dev), torch.tensor([m - w for m, w in zip(n, window)], device=dev)

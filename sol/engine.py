@@ -208,6 +208,53 @@ class Engine(nn.Module):
         logits = self.lm_head(hidden)
         return (logits[:, 0], hidden[:, 0]) if single else (logits, hidden)
 
+    @torch.no_grad()
+    def step_alternatives(self, ids: torch.Tensor, cache: KVCache, token_keep: torch.Tensor, prune_keep: torch.Tensor,
+                          bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """C alternative actions for the same decode step, as the rows of one call: ``ids [B]`` at position
+        ``cache.length`` under actions ``[B, C]``; returns (logits [B, C, V], hidden [B, C, D]). Candidate c of row b
+        computes what ``step(ids, cache, ...)`` computes with row b's action c: its query attends to the cache and to
+        its own key only (never to another candidate's), every GEMM runs over B·C rows, and the cache is read, never
+        written (the oracles' probes). Simulate mode, no left padding, and with QUEST a forced window of at least one
+        page (the page metadata then never holds the step's own key, which differs between candidates)."""
+        s = self.settings
+        if self.mode != "simulate" or cache.pad is not None:
+            raise ValueError("step_alternatives needs simulate mode and an unpadded cache")
+        if s.criterion == "quest" and s.forced_window < s.page_size:
+            raise ValueError("step_alternatives with QUEST needs window >= page_size")
+        if s.criterion != "quest":
+            raise ValueError("step_alternatives supports the quest criterion only")
+        B, C = token_keep.shape
+        pos = cache.length
+        x = self.embed(ids.to(self.device))[:, None].expand(B, C, -1)
+        cos, sin = self._rope(pos, 1, B, x[:, :1])                     # one position, broadcast over the candidates
+        levels = _levels(token_keep.reshape(-1))                       # candidate c of row b at [b * C + c]
+        dense_attn = all(keeps_all(t, pos + 1, s) for t in levels)
+        pages = None if dense_attn else torch.tensor(quest_pages(levels, [pos + 1] * len(levels), s)).view(B, C)
+        prune_keep, bits = prune_keep.to(self.device).reshape(-1), bits.to(self.device).reshape(-1)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            q, k, v = self._qkv(a, layer.input_layernorm(x), cos, sin)            # [B, H, C, hd]
+            keys, vals = self._heads(i, cache.k[i][:, :, :pos], cache.v[i][:, :, :pos])
+            k_self, v_self = self._heads(i, k, v)
+            Hq, hd, n_kv = q.shape[1], q.shape[3], keys.shape[1]
+            g = Hq // n_kv
+            qg = q.reshape(B, n_kv, g * C, hd)
+            s_cache = (qg @ keys.transpose(-1, -2)).view(B, Hq, C, pos)
+            s_self = (q.view(B, n_kv, g, C, hd) * k_self[:, :, None]).sum(-1).view(B, Hq, C, 1)
+            scores = torch.cat([s_cache, s_self], -1) * self.scaling               # [B, H, C, pos + 1]
+            if pages is not None:
+                allowed = quest_mask(q, torch.cat([keys, k_self[:, :, :1]], 2), pos, pages, s, alternatives=True)
+                scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            p = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+            o = (p[..., :pos].reshape(B, n_kv, g * C, pos) @ vals).view(B, Hq, C, hd)
+            o = o + p[..., pos:] * v_self.view(B, n_kv, 1, C, hd).expand(B, n_kv, g, C, hd).reshape(B, Hq, C, hd)
+            x = x + a.o_proj(o.transpose(1, 2).reshape(B, C, -1))
+            h = layer.post_attention_layernorm(x).reshape(B * C, -1)
+            x = x + self.mlps[i](h, prune_keep, bits).view(B, C, -1)
+        hidden = self.norm(x)
+        return self.lm_head(hidden), hidden
+
     # ---------------------------------------------------------------------------------------------------------------
     def _rope(self, start, T, B, x, pad=None):
         pos = torch.arange(start, start + T, device=x.device).unsqueeze(0).expand(B, -1)

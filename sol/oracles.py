@@ -6,7 +6,8 @@ tokens they are about to be scored on. They run through the same runtime and cos
   §6.5, made usable), then pick argmin(damage + λ·keep) with λ set so that the pick spends the keep still required
   to finish the episode on budget (the budget-tracking rule of the other controllers). Damage: KL to the dense model
   (default) or the true tokens' NLL. Cost: ((|candidates| + 1)·H + 1) LM steps per decode step — e.g. the 75-action
-  default grid with H=1 ≈ 77× a plain rollout.
+  default grid with H=1 ≈ 77× a plain rollout. With H=1 the candidates of a step run as the rows of one LM call
+  (``Engine.step_alternatives``: each candidate's query sees the cache and its own key), so the GEMMs are wide.
 * :class:`RankedOracle` (``oracle-ranked``) — two levels and a budget: one rollout at the low level and one at the high
   level give each position's damage (NLL_low − NLL_high); the high level goes to the most damaged positions, as many
   as the budget allows (the headroom study's "O"). Cost: 3 rollouts.
@@ -38,8 +39,11 @@ class GreedyOracle(Controller):
     def act(self, state: StepState) -> torch.Tensor:
         B = state.batch
         cand = torch.tensor(self.candidates)
-        if self.score == "kl":
-            dense = self.grid.dense_index
+        dense = self.grid.dense_index
+        if self.horizon == 1:  # every candidate as rows of one call (Engine.step_alternatives)
+            nll, kl = state.probe.damage(self.candidates, dense)
+            loss = kl if self.score == "kl" else nll                                                  # [B, C]
+        elif self.score == "kl":
             _, ref = state.probe(torch.full((B,), dense), self.horizon)
 
             def kl(a: int) -> torch.Tensor:  # the dense candidate is the reference itself: KL 0, no second probe

@@ -15,10 +15,13 @@ episode started from the prefix computes what it computes in a sequential rollou
 A prefix lives in memory for the process (a few, least recently used first out) and on disk under
 ``$SOL_CACHE/prefix/``, keyed by everything it depends on: the model's weights (a fingerprint, so a weight-quantised
 or head-pruned copy gets its own), dtype, the blocks' tokens, context and episode length. It does not depend on the
-action settings (a dense pass takes no action). ``SOL_PREFIX_CACHE=0`` turns the disk copy off.
+action settings (a dense pass takes no action). ``SOL_PREFIX_CACHE=0`` turns the disk copy off. Jobs that run side
+by side and need the same prefix compute it once: the first holds a file lock while it computes, the others wait on
+it and then read the file.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from collections import OrderedDict
@@ -129,24 +132,32 @@ def dense_prefix(engine: Engine, blocks: torch.Tensor, context: int, episode: in
         _MEMORY.move_to_end(key)
         return _MEMORY[key]
     path = _disk_path(key)
-    use_disk = os.environ.get("SOL_PREFIX_CACHE", "1") != "0"
-    pre = None
-    if use_disk and path.is_file():
-        try:
-            d = torch.load(path, weights_only=True)
-            pre = DensePrefix(d["k"], d["v"], d["hidden"], int(d["context"]), int(d["episode"]), int(d["steps"]))
-        except Exception:  # a damaged cache file is recomputed, never trusted
-            pre = None
-    if pre is None:
+    if os.environ.get("SOL_PREFIX_CACHE", "1") == "0":
         pre = compute(engine, blocks, context, episode, batch)
-        if use_disk:
-            with atomic_path(path) as tmp:
-                torch.save({"k": pre.k, "v": pre.v, "hidden": pre.hidden, "context": pre.context,
-                            "episode": pre.episode, "steps": pre.steps}, tmp)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:  # jobs running side by side compute a prefix once: the
+            fcntl.flock(lock, fcntl.LOCK_EX)                # others wait for it here, then read it from disk
+            pre = _load(path)
+            if pre is None:
+                pre = compute(engine, blocks, context, episode, batch)
+                with atomic_path(path) as tmp:
+                    torch.save({"k": pre.k, "v": pre.v, "hidden": pre.hidden, "context": pre.context,
+                                "episode": pre.episode, "steps": pre.steps}, tmp)
     _MEMORY[key] = pre
     while len(_MEMORY) > _MEMORY_ENTRIES:
         _MEMORY.popitem(last=False)
     return pre
+
+
+def _load(path) -> DensePrefix | None:
+    if not path.is_file():
+        return None
+    try:
+        d = torch.load(path, weights_only=True)
+        return DensePrefix(d["k"], d["v"], d["hidden"], int(d["context"]), int(d["episode"]), int(d["steps"]))
+    except Exception:  # a damaged cache file is recomputed, never trusted
+        return None
 
 
 @torch.no_grad()

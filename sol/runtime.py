@@ -387,30 +387,8 @@ class Runtime:
         extras = {"greedy": greedy} | ({"log_distributions": dists} if keep_distributions else {})
         return Rollout(logp, acts, torch.ones(T, dtype=torch.bool), keep, dense, macs, hidden, extras)
 
-    def _prober(self, blocks: torch.Tensor, cache, pos: int):
-        """A function scoring candidate actions for the step at ``pos`` by teacher-forced lookahead (oracles).
-
-        A probe writes the cache slots pos.. and then rewinds ``cache.length`` to pos: slots at or beyond the length
-        are scratch that the real step overwrites before anything reads them, so no copy of the cache is needed."""
-        e = self.engine
-
-        def probe(actions: torch.Tensor, horizon: int = 1) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            """(NLL [B] of the true tokens over the lookahead, each lookahead step's log-softmax [B, V])."""
-            nll = torch.zeros(blocks.shape[0])
-            one = torch.ones(blocks.shape[0])
-            dists = []
-            for k in range(min(horizon, blocks.shape[1] - pos - 1)):
-                if k == 0:
-                    logits, _ = e.step(blocks[:, pos], cache, self._tk[actions], self._pk[actions], self._bits[actions])
-                else:
-                    logits, _ = e.step(blocks[:, pos + k], cache, one, one, torch.full_like(one, 16))
-                lp = logits.float().log_softmax(-1)
-                dists.append(lp.cpu())
-                nll -= lp.gather(1, blocks[:, pos + k + 1:pos + k + 2]).squeeze(1).cpu()
-            cache.length = pos
-            return nll, dists
-
-        return probe
+    def _prober(self, blocks: torch.Tensor, cache, pos: int) -> "_Prober":
+        return _Prober(self, blocks, cache, pos)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, n_new: int, controller: Controller, budget: float | torch.Tensor,
@@ -433,3 +411,65 @@ def _concat(parts: list[Rollout]) -> Rollout:
         extras["step_ms"] = torch.stack([p.extras["step_ms"] for p in parts]).mean(0)
     return Rollout(cat("logprobs"), cat("actions"), parts[0].effective, cat("flop_keep"), cat("dense_macs"),
                    parts[0].controller_macs, cat("hidden") if parts[0].hidden is not None else None, extras)
+
+
+class _Prober:
+    """Scores candidate actions for the step at ``pos`` by teacher-forced lookahead (the oracles' ``StepState.probe``).
+
+    A probe writes the cache slots pos.. and then rewinds ``cache.length`` to pos: slots at or beyond the length are
+    scratch that the real step overwrites before anything reads them, so no copy of the cache is needed."""
+
+    batched = True  # False: damage() runs one probe per candidate (the reference path, for tests)
+
+    def __init__(self, runtime: Runtime, blocks: torch.Tensor, cache, pos: int):
+        self.rt, self.blocks, self.cache, self.pos = runtime, blocks, cache, pos
+
+    def __call__(self, actions: torch.Tensor, horizon: int = 1) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(NLL [B] of the true tokens over the lookahead, each lookahead step's log-softmax [B, V])."""
+        e, rt, blocks, cache, pos = self.rt.engine, self.rt, self.blocks, self.cache, self.pos
+        nll = torch.zeros(blocks.shape[0])
+        one = torch.ones(blocks.shape[0])
+        dists = []
+        for k in range(min(horizon, blocks.shape[1] - pos - 1)):
+            if k == 0:
+                logits, _ = e.step(blocks[:, pos], cache, rt._tk[actions], rt._pk[actions], rt._bits[actions])
+            else:
+                logits, _ = e.step(blocks[:, pos + k], cache, one, one, torch.full_like(one, 16))
+            lp = logits.float().log_softmax(-1)
+            dists.append(lp.cpu())
+            nll -= lp.gather(1, blocks[:, pos + k + 1:pos + k + 2]).squeeze(1).cpu()
+        cache.length = pos
+        return nll, dists
+
+    def damage(self, candidates: list[int], reference: int, buffer_mb: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """One-step damage of every candidate action (horizon 1): (NLL of the true next token [B, C],
+        KL(reference ‖ candidate) [B, C]), with ``reference`` a grid action (the dense one). The candidates run as
+        the rows of one call (``Engine.step_alternatives``; as many rows of B·C at a time as keep one [rows, V]
+        logits buffer within ``buffer_mb``) where the engine allows it, else one probe each; the same numbers either
+        way (fp64; in fp32 a fake-quantised value on a rounding boundary may round the other way)."""
+        e, B = self.rt.engine, self.blocks.shape[0]
+        s = e.settings
+        if not self.batched or e.mode != "simulate" or self.cache.pad is not None or s.criterion != "quest" or \
+                s.forced_window < s.page_size:
+            ref = self(torch.full((B,), reference))[1][0]
+            out = [self(torch.full((B,), a)) for a in candidates]
+            nll = torch.stack([o[0] for o in out], 1)
+            kl = torch.stack([torch.zeros(B) if a == reference else (ref.exp() * (ref - o[1][0])).sum(-1)
+                              for a, o in zip(candidates, out)], 1)
+            return nll, kl
+        acts = torch.tensor([reference] + list(candidates))                       # the reference first
+        C = len(acts)
+        target = self.blocks[:, self.pos + 1].cpu()
+        nll, kl = torch.empty(B, C - 1), torch.empty(B, C - 1)
+        chunk = max(1, buffer_mb * 2 ** 20 // (4 * e.lm_head.out_features * C))
+        for i in range(0, B, chunk):
+            j = min(B, i + chunk)
+            a = acts.expand(j - i, C)
+            logits, _ = e.step_alternatives(self.blocks[i:j, self.pos], self.cache.rows(i, j), self.rt._tk[a],
+                                            self.rt._pk[a], self.rt._bits[a])
+            lp = logits.float().log_softmax(-1).cpu()                             # [rows, C, V]
+            ref = lp[:, :1]
+            nll[i:j] = -lp[:, 1:].gather(2, target[i:j, None, None].expand(-1, C - 1, 1))[..., 0]
+            kl[i:j] = (ref.exp() * (ref - lp[:, 1:])).sum(-1)
+        kl[:, torch.tensor(candidates) == reference] = 0.0  # the reference against itself: exactly 0
+        return nll, kl

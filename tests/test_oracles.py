@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sol.actions import Action, ActionGrid
+from sol.actions import Action, ActionGrid, ActionSettings
 from sol.controllers import FixedAction
 from sol.engine import Engine
 from sol.evaluate import eval_ppl
@@ -107,3 +107,60 @@ def test_timeline_summary_reads_the_schedule():
     constant = adaptive.assign(action="a", flop_keep=0.7)
     s = timeline_summary(constant)
     assert s["distinct_actions"] == 1 and s["action_entropy_nats"] == 0.0
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_step_alternatives_is_one_step_per_candidate(tiny, pruned):
+    """Engine.step_alternatives: candidate c of row b computes what a single step with row b's action c computes
+    (fp64: token keep with QUEST pages and dense levels, prune keep, bits; GQA and head-pruned models); the cache is
+    not written."""
+    from baselines.heads import head_importance, prune_heads
+
+    model = tiny.to(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(2)
+        if pruned:
+            model = prune_heads(model, head_importance(model, torch.randint(0, 300, (2, 30), generator=g)), 0.5)
+        e = Engine(model, ActionSettings(page_size=4, sinks=2, window=4))
+        B, L, C = 3, 37, 7
+        ids = torch.randint(0, 300, (B, L + 1), generator=g)
+        cache = e.new_cache(B, L + 1)
+        e.extend(ids[:, :L], cache)
+        tk = torch.tensor([0.2, 0.5, 1.0])[torch.randint(0, 3, (B, C), generator=g)]
+        pk = torch.tensor([0.4, 0.8, 1.0])[torch.randint(0, 3, (B, C), generator=g)]
+        bits = torch.tensor([4, 8, 16])[torch.randint(0, 3, (B, C), generator=g)]
+        before = [t[:, :, :L + 1].clone() for t in cache.k]
+        logits, hidden = e.step_alternatives(ids[:, L], cache, tk, pk, bits)
+        assert cache.length == L and all(torch.equal(a, t[:, :, :L + 1]) for a, t in zip(before, cache.k))
+        for c in range(C):
+            lg, hd = e.step(ids[:, L], cache, tk[:, c], pk[:, c], bits[:, c])
+            cache.length = L
+            assert torch.allclose(lg, logits[:, c], atol=1e-9) and torch.allclose(hd, hidden[:, c], atol=1e-9)
+    finally:
+        tiny.to(torch.float32)
+
+
+@pytest.mark.parametrize("score", ["kl", "nll"])
+def test_greedy_oracle_batched_probes_equal_one_probe_per_candidate(tiny_llama, score, monkeypatch):
+    """The oracle's candidates as the rows of one call pick the same actions and score the same NLLs as one probe per
+    candidate (fp64), with refresh and ragged episode ends."""
+    model = tiny_llama.to(torch.float64)
+    try:
+        torch.manual_seed(3)
+        blocks = torch.randint(0, 300, (3, 45))
+        grid = ActionGrid(token_keep=(0.25, 1.0), prune_keep=(0.5, 1.0), bits=(5, 16))
+        rt = Runtime(Engine(model, ActionSettings(page_size=4, sinks=2, window=4)), grid)
+        run = lambda: rt.score(blocks, GreedyOracle(grid, horizon=1, score=score), 0.6, 24, episode=8,  # noqa: E731
+                               max_rows=2)
+        batched = run()
+        from sol.engine import Engine as E
+        from sol.runtime import _Prober
+
+        monkeypatch.setattr(E, "step_alternatives", None)  # any use of it now fails
+        monkeypatch.setattr(_Prober, "batched", False)     # one probe per candidate
+        looped = run()
+        assert torch.equal(batched.actions, looped.actions)
+        assert (batched.logprobs - looped.logprobs).abs().max() <= 1e-9
+        assert len(set(batched.actions[:, batched.effective].flatten().tolist())) > 1  # it really allocates
+    finally:
+        tiny_llama.to(torch.float32)

@@ -172,6 +172,51 @@ def test_prefix_is_cached_on_disk_and_keyed(tiny_llama, blocks, tmp_path, monkey
     assert torch.equal(a.hidden, c.hidden)
 
 
+def _prefix_job(cache, log, go):
+    """A job of its own (another process) that needs the dense prefix of the shared test blocks."""
+    import os
+    import time
+
+    os.environ["SOL_CACHE"] = cache
+    from sol.models import load
+
+    real = prefix.compute
+
+    def counted(*a, **k):
+        with open(log, "a") as f:
+            f.write("computed\n")
+        time.sleep(1.0)  # long enough that the other job asks while this one computes
+        return real(*a, **k)
+
+    prefix.compute = counted
+    torch.manual_seed(0)
+    b = torch.randint(0, 300, (3, CONTEXT + 9))
+    go.wait()
+    pre = prefix.dense_prefix(Engine(load("tiny-llama")[0]), b, CONTEXT, 4)
+    with open(log, "a") as f:
+        f.write(f"hidden {float(pre.hidden.sum()):.6f}\n")
+
+
+def test_jobs_side_by_side_compute_a_prefix_once(tmp_path):
+    """Two processes needing the same prefix at the same time: one computes it (holding a file lock), the other
+    waits and reads it from disk; both get the same prefix."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    log = tmp_path / "log.txt"
+    jobs = [ctx.Process(target=_prefix_job, args=(str(tmp_path), str(log), go)) for _ in range(2)]
+    for j in jobs:
+        j.start()
+    go.set()
+    for j in jobs:
+        j.join(120)
+    assert all(j.exitcode == 0 for j in jobs)
+    lines = log.read_text().splitlines()
+    assert lines.count("computed") == 1
+    assert len({x for x in lines if x.startswith("hidden")}) == 1 and len(lines) == 3
+
+
 def test_forced_dense_first_steps_fall_back_to_sequential(tiny_llama, blocks):
     """context ≤ sinks + window + 1: which steps are effective depends on the episode start, so score() runs the
     blocks sequentially and still returns the sequential numbers."""
