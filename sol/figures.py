@@ -63,32 +63,54 @@ def kv_pollution(summary: pd.DataFrame, path) -> None:
 
 def pareto(df: pd.DataFrame, path, x: str = "flop_keep", y: str = "ppl", ylabel: str = "perplexity",
            lower_is_better: bool = True, dense_line: float | None = None, oracle: pd.DataFrame | None = None) -> None:
-    """Quality vs cost: every point faded, each family's Pareto front opaque; CIs as error bars."""
+    """Quality vs cost: every point faded, each family's Pareto front opaque; CIs as error bars. Left: every level
+    (far-off perplexities clipped); right: a zoom on the policy's operating points, where the fronts compete. The
+    legend sits outside both."""
     from sol.compare import pareto_front
 
-    fig, ax = plt.subplots(figsize=(4.6, 3.2))
     df = df.assign(family=df.method.map(family))
-    for fam, d in df.groupby("family"):
-        c, m = COLORS.get(fam, "0.5"), MARKERS.get(fam, ".")
-        ax.scatter(d[x], d[y], c=c, marker=m, alpha=0.25, s=18)
-        front = pareto_front(d, x, y, lower_is_better)
-        lo, hi = f"{y}_lo", f"{y}_hi"
-        if lo in front:
-            ax.errorbar(front[x], front[y], yerr=[front[y] - front[lo], front[hi] - front[y]], fmt="none", ecolor=c,
-                        alpha=0.6, lw=0.8)
-        ax.plot(front[x], front[y], marker=m, c=c, label=fam, ls="-" if fam.startswith("policy") else "--", ms=5)
-    if oracle is not None and len(oracle):
-        o = oracle.sort_values(x)
-        ax.plot(o[x], o[y], c="0.45", ls=(0, (6, 3)), lw=1.4, marker=MARKERS["oracle"], ms=4,
-                label="greedy oracle (non-causal, not a bound)")
-    if dense_line is not None:  # the dense point is in the legend already
-        ax.axhline(dense_line, c="k", ls="-.", lw=0.8)
+    pol = df[df.family.str.startswith("policy")]
+    zoom = pol[x].nunique() > 1  # one operating point: nothing to zoom on
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(8.4 if zoom else 4.6, 3.2), squeeze=False)
+    fronts = []
+    for ax in axes[0]:
+        for fam, d in df.groupby("family"):
+            c, m = COLORS.get(fam, "0.5"), MARKERS.get(fam, ".")
+            ax.scatter(d[x], d[y], c=c, marker=m, alpha=0.25, s=18)
+            front = pareto_front(d, x, y, lower_is_better)
+            fronts.append(front)
+            lo, hi = f"{y}_lo", f"{y}_hi"
+            if lo in front:
+                ax.errorbar(front[x], front[y], yerr=[front[y] - front[lo], front[hi] - front[y]], fmt="none",
+                            ecolor=c, alpha=0.6, lw=0.8)
+            ax.plot(front[x], front[y], marker=m, c=c, label=fam, ls="-" if fam.startswith("policy") else "--", ms=5)
+        if oracle is not None and len(oracle):
+            o = oracle.sort_values(x)
+            ax.plot(o[x], o[y], c="0.45", ls=(0, (6, 3)), lw=1.4, marker=MARKERS["oracle"], ms=4,
+                    label="greedy oracle (non-causal, not a bound)")
+        if dense_line is not None:  # the dense point is in the legend already
+            ax.axhline(dense_line, c="k", ls="-.", lw=0.8)
+        ax.set_xlabel({"flop_keep": "FLOP keep (bit-weighted, fvcore)", "net_keep": "net keep (κ+ρ+b/16)/3"}.get(x, x))
+    main = axes[0][0]
+    main.set_ylabel(ylabel)
     if lower_is_better:  # perplexity: the region where the fronts compete; far-off levels (damage curves) clipped
         lo = df[y].min()
-        ax.set_ylim(lo * 0.99, min(df[y].max() * 1.02, lo * 1.3))
-    ax.set_xlabel({"flop_keep": "FLOP keep (bit-weighted, fvcore)", "net_keep": "net keep (κ+ρ+b/16)/3"}.get(x, x))
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=7)
+        main.set_ylim(lo * 0.99, min(df[y].max() * 1.02, lo * 1.3))
+    if zoom:  # the operating points: x from just below the policy's cheapest point, y over the fronts seen there
+        ax = axes[0][1]
+        x0 = pol[x].min() - 0.03
+        pts = pd.concat(fronts + ([oracle] if oracle is not None else []), ignore_index=True)
+        pts = pts[pts[x] >= x0]
+        near = (pts[y] <= 1.05 * pol[y].max()) if lower_is_better else (pts[y] >= 0.95 * pol[y].min())
+        pts = pts[near]  # far-off levels in this range (a damaging transform) would flatten the rest
+        y0, y1 = pts[y].min(), pts[y].max()
+        pad = 0.08 * max(y1 - y0, 1e-3 * abs(y1))
+        ax.set_xlim(x0, df[x].max() + 0.02)
+        ax.set_ylim(y0 - pad, y1 + pad)
+        ax.set_title("zoom: the operating points", fontsize=8)
+    handles, labels = main.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
     save(fig, path)
 
 
@@ -172,7 +194,8 @@ def single_axis_levels(df: pd.DataFrame) -> pd.DataFrame:
 
 def damage_curves(ppl: pd.DataFrame, mmlu: pd.DataFrame | None, path) -> None:
     """Quality of true-uniform levels across each axis's range: the convexity that decides whether mixing levels
-    can pay (a mix of two levels lies on the chord; it beats the middle level only where the curve is concave)."""
+    can pay (a mix of two levels lies on the chord; it beats the middle level only where the curve is concave).
+    Perplexity on a log axis, where the chord is exactly the mix (its mean NLL is linear in the mix share)."""
     panels = [("ppl", "perplexity", ppl)] + ([("acc", "MMLU accuracy", mmlu)] if mmlu is not None else [])
     fig, axes = plt.subplots(len(panels), 3, figsize=(9, 2.6 * len(panels)), squeeze=False, layout="constrained")
     for row, (y, label, df) in enumerate(panels):
@@ -180,11 +203,22 @@ def damage_curves(ppl: pd.DataFrame, mmlu: pd.DataFrame | None, path) -> None:
         for col, (axis, xlabel) in enumerate(AXES):
             ax = axes[row, col]
             s = d[d.axis == axis].sort_values("level") if len(d) else d
-            if len(s):
-                ax.plot(s.level, s[y], marker="o", c="k")  # (block CIs of absolute ppl are wide: see the tables)
-                if len(s) >= 2:  # the chord between the extreme levels: what a two-level mix of them would give
-                    ax.plot(s.level.iloc[[0, -1]], s[y].iloc[[0, -1]], ls=":", c="0.5", lw=0.8)
             ax.set_xlabel(xlabel)
+            if len(s) < 2:  # dense alone is no curve
+                ax.text(0.5, 0.5, "no compressed level\non this axis", ha="center", va="center", fontsize=8,
+                        transform=ax.transAxes, color="0.4")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+            ax.plot(s.level, s[y], marker="o", c="k")  # (block CIs of absolute ppl are wide: see the tables)
+            # the chord between the extreme levels: what a two-level mix of them would give
+            ax.plot(s.level.iloc[[0, -1]], s[y].iloc[[0, -1]], ls=":", c="0.5", lw=0.8)
+            if y == "ppl":  # log scale: a two-level mix's mean NLL is linear in its share, so its chord is straight
+                ax.set_yscale("log")
+                if s[y].max() < 10 * s[y].min():  # less than a decade: plain ticks, or there would be none
+                    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             if col == 0:
                 ax.set_ylabel(label)
     fig.suptitle("damage curves: true uniform compression, one axis at a time", fontsize=9)
