@@ -233,12 +233,14 @@ def keeps_all(token_keep: float, kv_len: int, s: ActionSettings) -> bool:
 
 
 def select_tokens(q: torch.Tensor, keys: torch.Tensor, kv_len: int, token_keep: float, s: ActionSettings,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  meta: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Key positions each query head attends to under one token-keep level, for a group of rows with that level.
 
     q: [B, Hq, hd] (post-RoPE query of the current token); keys: [B, Hkv, >=kv_len, hd] (post-RoPE key cache, the
     current token included). Returns ``index [B, Hq, N]`` (long, key positions) and ``valid [B, Hq, N]`` (bool); N is
     the same for every row of the group, so a kernel can gather exactly N keys per head.
+    ``meta``: per-page key (max, min) [B, Hkv, P, hd] of complete pages 0..P−1 (``KVCache.page_meta``); candidate
+    pages it covers are scored from it instead of from the keys (the same numbers, without reading every key).
     """
     B, Hq, hd = q.shape
     Hkv = keys.shape[1]
@@ -257,17 +259,19 @@ def select_tokens(q: torch.Tensor, keys: torch.Tensor, kv_len: int, token_keep: 
     if n == 0 or n_pages == 0:
         idx = forced.view(1, 1, -1).expand(B, Hq, -1)
         return idx, torch.ones_like(idx, dtype=torch.bool)
-    # Page metadata over the keys of the candidate pages (whole pages; positions >= kv_len are padding).
-    span = (last + 1) * page
-    k = keys[:, :, first * page: min(span, kv_len)].float()
-    pad = span - first * page - k.shape[2]
-    if pad:
-        k_hi = torch.cat([k, k.new_full((B, Hkv, pad, hd), float("-inf"))], 2)
-        k_lo = torch.cat([k, k.new_full((B, Hkv, pad, hd), float("inf"))], 2)
-    else:
-        k_hi = k_lo = k
-    kmax = k_hi.view(B, Hkv, n_pages, page, hd).amax(3)
-    kmin = k_lo.view(B, Hkv, n_pages, page, hd).amin(3)
+    if meta is not None and last < meta[0].shape[2]:  # kept incrementally by the cache
+        kmax, kmin = meta[0][:, :, first:last + 1], meta[1][:, :, first:last + 1]
+    else:  # page metadata over the keys of the candidate pages (whole pages; positions >= kv_len are padding)
+        span = (last + 1) * page
+        k = keys[:, :, first * page: min(span, kv_len)].float()
+        pad = span - first * page - k.shape[2]
+        if pad:
+            k_hi = torch.cat([k, k.new_full((B, Hkv, pad, hd), float("-inf"))], 2)
+            k_lo = torch.cat([k, k.new_full((B, Hkv, pad, hd), float("inf"))], 2)
+        else:
+            k_hi = k_lo = k
+        kmax = k_hi.view(B, Hkv, n_pages, page, hd).amax(3)
+        kmin = k_lo.view(B, Hkv, n_pages, page, hd).amin(3)
     g = Hq // Hkv
     qg = q.float().view(B, Hkv, g, hd)
     score = qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)  # [B,Hkv,g,P]

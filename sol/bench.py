@@ -2,8 +2,10 @@
 
 For each context length and action: fvcore MACs, analytic MACs, torch.utils.flop_counter MACs, FLOP keep,
 median step time over ``--steps`` timed steps after warm-up (CUDA events on GPU, ``perf_counter`` on CPU) and the
-time ratio vs dense **measured in the same run**: actions are timed round-robin, one step each per round, so
-machine load affects all of them alike. The KV cache is rewound after every step, so every timed step attends over
+time ratio vs dense **measured in the same run**; the byte roofline: bytes read per step (``CostModel.step_bytes``),
+the bytes-keep (vs dense) and ``roofline_ratio`` = time ratio / bytes-keep (≈ 1: the action saves the time its bytes
+say; > 1: overhead eats the saving). Actions are timed round-robin, one step each per round, so machine load
+affects all of them alike. The KV cache is rewound after every step, so every timed step attends over
 exactly ``kv_len`` keys.
 """
 from __future__ import annotations
@@ -53,6 +55,7 @@ def run_bench(model, model_name: str, kv_lens=(256, 1024), actions=None, steps: 
     engine = Engine(model, settings or ActionSettings(), mode="compute")
     cost = CostModel.for_engine(engine)
     timer = StepTimer(engine.device)
+    el = torch.finfo(engine.dtype).bits // 8
     g = torch.Generator().manual_seed(seed)
     rows = []
     for kv_len in kv_lens:
@@ -83,18 +86,24 @@ def run_bench(model, model_name: str, kv_lens=(256, 1024), actions=None, steps: 
                 torch_macs_unweighted=torch_step_macs(engine, a, kv_len),
                 analytic_macs_unweighted=cost.step_macs(a, kv_len, bit_weighted=False),
                 flop_keep=cost.flop_keep(a, kv_len), net_keep=a.net_keep,
+                step_bytes=sum(cost.step_bytes(a, kv_len, el).values()),
+                bytes_keep=sum(cost.step_bytes(a, kv_len, el).values()) / sum(cost.step_bytes(Action(), kv_len,
+                                                                                               el).values()),
                 median_ms=ms, time_ratio=ms / dense_ms if dense_ms else float("nan"),
                 device=str(engine.device), threads=torch.get_num_threads(), timer="cuda_events" if timer.cuda else "perf_counter",
             ))
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out["roofline_ratio"] = out.time_ratio / out.bytes_keep  # ≈ 1: the action's time saving is its byte saving
+    return out
 
 
 def format_table(df: pd.DataFrame) -> str:
-    cols = ["model", "kv_len", "action", "fvcore_macs", "analytic_macs", "flop_keep", "net_keep", "median_ms", "time_ratio"]
+    cols = ["model", "kv_len", "action", "fvcore_macs", "analytic_macs", "flop_keep", "net_keep", "bytes_keep",
+            "median_ms", "time_ratio", "roofline_ratio"]
     out = df[cols].copy()
     out["fvcore_macs"] = (out["fvcore_macs"] / 1e6).map("{:.2f}M".format)
     out["analytic_macs"] = (out["analytic_macs"] / 1e6).map("{:.2f}M".format)
-    for c in ("flop_keep", "net_keep", "time_ratio"):
+    for c in ("flop_keep", "net_keep", "bytes_keep", "time_ratio", "roofline_ratio"):
         out[c] = out[c].map("{:.3f}".format)
     out["median_ms"] = out["median_ms"].map("{:.2f}".format)
     return out.to_markdown(index=False)

@@ -102,6 +102,29 @@ class CostModel:
     def flop_keep(self, action: Action, kv_len: int) -> float:
         return self.step_macs(action, kv_len) / self.dense_macs(kv_len)
 
+    def step_bytes(self, action: Action, kv_len: int, element_size: int = 4) -> dict[str, float]:
+        """Bytes one batch-1 decode step reads on the compute path, by part: the byte roofline of a memory-bound
+        decode (every weight and key is read once per step; activations are negligible at batch 1).
+
+        * ``weights``: Q/K/V/O, the kept columns of W_gate/W_up and all of W_down, the LM head, at ``element_size``
+          bytes (activation bits change the GEMM inputs, not what is read; the engine's weights stay full-width);
+        * ``kv``: dense attention reads each KV head's keys and values once; QUEST gathers each query head's kept
+          slots, so a KV head's group of g query heads reads at most min(kv_len, g·slots) of them;
+        * ``page_meta``: QUEST's per-page key max and min (float32) of every candidate page, kept incrementally by the
+          cache (``KVCache.page_meta``).
+        """
+        slots, pages = self.attention_slots(action.token_keep, kv_len)
+        k = n_kept_channels(action.prune_keep, self.D) if action.prune_keep < 1.0 else self.D
+        hq = round(self.Hq * self.head_keep)
+        g = max(1, hq // self.Hkv)
+        read = kv_len if slots >= kv_len else min(kv_len, g * slots)
+        return {
+            "weights": element_size * (self.L * (2 * self.D * hq * self.hd + 2 * self.D * self.Hkv * self.hd
+                                                 + 2 * k * self.I + self.I * self.D) + self.D * self.V),
+            "kv": element_size * self.L * 2 * self.Hkv * self.hd * read,
+            "page_meta": 4 * self.L * 2 * self.Hkv * self.hd * pages,
+        }
+
     def keep_table(self, grid, kv_len: int) -> torch.Tensor:
         """FLOP keep of every grid action at one key length, as a tensor (for vectorised budget tracking)."""
         return torch.tensor([self.flop_keep(a, kv_len) for a in grid.actions], dtype=torch.float64)

@@ -38,7 +38,45 @@ class KVCache:
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], length: int = 0,
                  pad: torch.Tensor | None = None):
-        self.k, self.v, self.length, self.pad = k, v, length, pad
+        self.k, self.v, self.pad = k, v, pad
+        self._meta: dict[int, list] = {}  # layer → [page size, pages summarised, key max, key min] (page_meta)
+        self.length = length
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @length.setter
+    def length(self, value: int) -> None:
+        """Slots at or beyond the length are scratch that the next write replaces: a rewind forgets the metadata of
+        every page that is no longer complete."""
+        self._length = value
+        for m in self._meta.values():
+            m[1] = min(m[1], value // m[0])
+
+    def page_meta(self, layer: int, page: int, n_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-page key max and min [B, Hkv, n_pages, hd] (float32) of layer ``layer``'s pages 0..n_pages−1, whose
+        slots must all be written (a step asks after writing its own key): QUEST's page metadata, kept incrementally.
+        Pages summarised before are reused, new ones are summarised once, so a decode step reads O(pages) metadata
+        instead of every key. Setting a shorter ``length`` forgets the pages it cuts into."""
+        m = self._meta.get(layer)
+        if m is None or m[0] != page:
+            m = self._meta[layer] = [page, 0, None, None]
+        done = m[1]
+        if m[2] is None or m[2].shape[2] < n_pages:  # grow by doubling
+            B, H, _, hd = self.k[layer].shape
+            cap = max(n_pages, 2 * (0 if m[2] is None else m[2].shape[2]), 16)
+            grow = lambda t: torch.cat([t[:, :, :done], t.new_empty(B, H, cap - done, hd)], 2) if t is not None \
+                else self.k[layer].new_empty(B, H, cap, hd, dtype=torch.float32)  # noqa: E731
+            m[2], m[3] = grow(m[2]), grow(m[3])
+        if n_pages > done:
+            keys = self.k[layer][:, :, done * page:n_pages * page].float()
+            B, H, _, hd = keys.shape
+            keys = keys.view(B, H, n_pages - done, page, hd)
+            m[2][:, :, done:n_pages] = keys.amax(3)
+            m[3][:, :, done:n_pages] = keys.amin(3)
+            m[1] = n_pages
+        return m[2][:, :, :n_pages], m[3][:, :, :n_pages]
 
     @classmethod
     def empty(cls, n_layers, batch, n_kv, head_dim, capacity, dtype, device):
@@ -199,7 +237,11 @@ class Engine(nn.Module):
             cache.k[i][:, :, pos:kv_len] = k
             cache.v[i][:, :, pos:kv_len] = v
             keys, vals = self._heads(i, cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len])
-            o = self._attend_step(q, keys, vals, pos, groups, pages)  # [B,Hq,T,hd]
+            meta = None
+            if self.mode == "compute" and self.settings.criterion == "quest" and cache.pad is None and \
+                    any(t < 1.0 for g in groups for t, _ in g):  # QUEST page metadata, kept by the cache
+                meta = self._heads(i, *cache.page_meta(i, self.settings.page_size, kv_len // self.settings.page_size))
+            o = self._attend_step(q, keys, vals, pos, groups, pages, meta)  # [B,Hq,T,hd]
             x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
             h = layer.post_attention_layernorm(x).reshape(B * T, -1)
             x = x + self.mlps[i](h, prune_keep, bits).view(B, T, -1)
@@ -290,9 +332,10 @@ class Engine(nn.Module):
         p = s.softmax(-1, dtype=torch.float32).to(q.dtype)
         return (p.view(B, n_kv, g * T, -1) @ vals).view(B, Hq, T, hd)
 
-    def _attend_step(self, q, keys, vals, pos, groups, pages=None):
+    def _attend_step(self, q, keys, vals, pos, groups, pages=None, meta=None):
         """q [B,Hq,T,hd] for positions pos..pos+T−1; groups[j]: {(token_keep, pad): row indices} of query j;
-        pages: [B, T] QUEST pages per query (simulate mode, no padding: one vectorised mask). Returns [B,Hq,T,hd].
+        pages: [B, T] QUEST pages per query (simulate mode, no padding: one vectorised mask); meta: the cache's
+        per-page key (max, min) (compute mode, no padding). Returns [B,Hq,T,hd].
         A row with ``pad`` leading pad slots is computed on its own keys ``[pad:]`` (exactly as if unpadded); query j
         never sees a key past pos + j."""
         B, Hq, T = q.shape[:3]
@@ -319,12 +362,15 @@ class Engine(nn.Module):
         q = q[:, :, 0]  # compute mode: one step (step() runs several one by one)
         out = q.new_empty(q.shape)
         for (t, p), rows in groups[0].items():
+            if len(rows) == B:  # one group: views, no copy of the cache (rows are 0..B−1 in order)
+                rows = slice(None)
             qr, kr, vr = q[rows], keys[rows, :, p:kv_len], vals[rows, :, p:kv_len]
             if t >= 1.0:
                 out[rows] = self._attend_dense(qr.unsqueeze(2), kr, vr, None)[:, :, 0]
                 continue
-            idx, valid = select_tokens(qr, kr, kv_len - p, t, self.settings)
-            b = torch.arange(len(rows), device=q.device).view(-1, 1, 1)
+            m = None if meta is None else (meta[0][rows], meta[1][rows])
+            idx, valid = select_tokens(qr, kr, kv_len - p, t, self.settings, m)
+            b = torch.arange(qr.shape[0], device=q.device).view(-1, 1, 1)
             h = (torch.arange(Hq, device=q.device) // (Hq // kr.shape[1])).view(1, -1, 1)
             k_sel, v_sel = kr[b, h, idx], vr[b, h, idx]                      # [R,Hq,N,hd]: only the kept keys
             s = (k_sel @ qr.unsqueeze(-1)).squeeze(-1) * self.scaling       # [R,Hq,N]

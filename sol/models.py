@@ -7,6 +7,8 @@
   the cache folder (``$SOL_CACHE``, default ``~/.cache/sol``), checksum-verified, dequantised by transformers and saved there as safetensors, so later loads
   take under a second;
 * ``tiny-llama`` / ``tiny-qwen2``: random, seeded, offline configs for tests (byte-level tokenizer);
+* ``shape:NAME``: random weights in the exact shapes of a real checkpoint (``sol.shapes``: SmolLM2, Qwen2.5-Coder,
+  Llama 3.x), built on the device, for step-cost benchmarks where the weights are out of reach;
 * a local HF model folder, a local ``.gguf`` file;
 * anything else is treated as an HF hub id (``meta-llama/Llama-3.2-1B``), for users with internet access.
 
@@ -229,6 +231,15 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.flo
     if name_or_path in ("tiny-llama", "tiny-qwen2"):
         model, tok = _tiny(name_or_path, seed)
         model = model.to(dtype)
+    elif name_or_path.startswith("shape:"):
+        from sol import shapes
+
+        shape = name_or_path.split(":", 1)[1]
+        if shape not in shapes.SHAPES:
+            raise SolError(f"unknown shape '{shape}': use one of {', '.join(shapes.SHAPES)}")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise SolError(f"device '{device}' requested but CUDA is not available on this machine")
+        model, tok = shapes.build(shape, dtype, device, seed), byte_tokenizer()
     elif name_or_path in ASSETS:
         model, tok = _packaged(ASSETS[name_or_path], dtype)
     else:
@@ -253,7 +264,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.flo
             tok = AutoTokenizer.from_pretrained(name_or_path)
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
         else:
-            raise SolError(f"unknown model '{name_or_path}': use one of {', '.join(list(ASSETS) + ['tiny-llama', 'tiny-qwen2'])}, "
+            raise SolError(f"unknown model '{name_or_path}': use one of {', '.join(list(ASSETS) + ['tiny-llama', 'tiny-qwen2'])}, shape:NAME, "
                            "a local HF folder, a .gguf file, or an HF hub id")
     _check_architecture(model.config)
     if tok.pad_token_id is None:

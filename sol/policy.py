@@ -209,9 +209,13 @@ def tilt_to_budget(logits: torch.Tensor, keep: torch.Tensor, budget: torch.Tenso
     """Budget tracking on top of a policy (``policy-tracked``): per row (``keep`` [B, A]), the required keep for the rest of the episode
     c_req = (c·(n + R) − spent)/R and the tilt λ with E_{softmax(z − λ·keep)}[keep] = c_req (bisection); returns the
     tilted logits z − λ·keep. The policy still ranks actions (where compute goes); the tilt only enforces how much,
-    like the budget-tracking chooser the EMC/DAC baselines use (reference §8.4)."""
+    like the budget-tracking chooser the EMC/DAC baselines use (reference §8.4). A row whose required keep is at or
+    below the grid's cheapest action (at or above its costliest) gets that action outright: no finite tilt guarantees
+    it against large logit gaps, and a budget below the floor must realise the floor."""
     R = torch.as_tensor(remaining).clamp(min=1).float()
-    req = torch.minimum(torch.maximum((budget * (n + R) - spent) / R, keep.min(-1).values), keep.max(-1).values)
+    need = (budget * (n + R) - spent) / R
+    lo_keep, hi_keep = keep.min(-1).values, keep.max(-1).values
+    req = torch.minimum(torch.maximum(need, lo_keep), hi_keep)
     lo = torch.full_like(req, -200.0)
     hi = torch.full_like(req, 200.0)
     z = logits.float()
@@ -221,4 +225,8 @@ def tilt_to_budget(logits: torch.Tensor, keep: torch.Tensor, budget: torch.Tenso
         too_expensive = mean > req
         lo = torch.where(too_expensive, lam, lo)
         hi = torch.where(too_expensive, hi, lam)
-    return z - ((lo + hi) / 2)[:, None] * keep
+    out = z - ((lo + hi) / 2)[:, None] * keep
+    # outright at the ends: the other actions get a large finite penalty (−inf would make 0·log 0 = NaN in training)
+    floor = (need <= lo_keep + 1e-9)[:, None] & (keep > lo_keep[:, None] + 1e-9)
+    ceiling = (need >= hi_keep - 1e-9)[:, None] & (keep < hi_keep[:, None] - 1e-9)
+    return out - 1e4 * (floor | ceiling)

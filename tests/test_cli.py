@@ -17,6 +17,10 @@ def test_bench_tiny(tmp_path):
     df = pd.read_csv(out)
     assert len(df) == 9 and df.loc[df.action == "k100-s100-q16", "time_ratio"].item() == 1.0
     assert ((df.fvcore_macs - df.analytic_macs).abs() <= 0.01 * df.analytic_macs).all()
+    dense = df.action == "k100-s100-q16"
+    assert df.loc[dense, "bytes_keep"].item() == 1.0
+    assert (df.loc[df.token_keep == 1.0, "bytes_keep"] <= 1.0).all()  # QUEST's metadata may cost more at 64 keys
+    assert (df.roofline_ratio == df.time_ratio / df.bytes_keep).all()
     assert "flop_keep" in r.stdout
 
 

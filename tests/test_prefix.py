@@ -280,3 +280,18 @@ def test_open_loop_rollout_matches_stepwise_on_ragged_rows(tiny_llama, kind):
         assert torch.equal(a.extras["greedy"][valid], b.extras["greedy"][valid])
     finally:
         tiny_llama.to(torch.float32)
+
+
+@pytest.mark.parametrize("budget", [0.05, 1.0])
+def test_tracked_policy_takes_the_grid_end_outright(tiny_llama, blocks, budget):
+    """A budget below the grid's floor realises the floor (the cheapest action at every effective step), a budget of
+    1 the costliest action, whatever the policy's logits."""
+    grid = grid_from("J-3L")
+    rt = Runtime(Engine(tiny_llama, ActionSettings(page_size=4, sinks=2, window=4)), grid)
+    ctrl = _policy(grid, tiny_llama.config.hidden_size, track=True)
+    ctrl.bias = torch.linspace(-50, 50, len(grid)) * (1 if budget < 0.5 else -1)  # logits that pull the other way
+    ro = rt.rollout(blocks, ctrl, budget, CONTEXT, episode=4)
+    tables = torch.stack([rt.keep_table(CONTEXT + t + 1) for t in range(STEPS)])     # [T, A]
+    end = (tables.min(1) if budget < 0.5 else tables.max(1)).values
+    eff = ro.effective
+    assert torch.allclose(ro.flop_keep[:, eff], end[eff].expand(len(blocks), -1))
