@@ -38,7 +38,8 @@ def cmd_bench(args) -> None:
     for name in args.model:
         model, _ = load(name, dtype=args.dtype, device=device)
         frames.append(run_bench(model, name, kv_lens=args.kv_len, actions=actions, steps=args.steps,
-                                warmup=args.warmup, settings=settings, batch=args.batch, seed=args.seed))
+                                warmup=args.warmup, settings=settings, batch=args.batch, seed=args.seed,
+                                counters=not args.no_counters))
     import pandas as pd
 
     df = pd.concat(frames, ignore_index=True)
@@ -456,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--window", type=int, default=8)
     b.add_argument("--faithful", action="store_true", help="reference semantics (no forced sinks/window, output quant)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-counters", action="store_true",
+                   help="skip the fvcore / torch.utils.flop_counter counts (large models at long context)")
     b.add_argument("--out", help="write the table as CSV here")
     b.set_defaults(func=cmd_bench)
 
