@@ -12,7 +12,7 @@ rule report:
         rules.profile.output,
         rules.kv_pollution.output,
         rules.timeline.output,
-        [rules.eval_oracle.output.csv] if EV.get("oracle") else [],
+        [rules.eval_oracle.output.csv] if EV["oracle"] else [],
         expand(rules.headroom.output, tag=list(HEADROOM)) if HR.get("in_all", True) else [],
     output:
         claims=f"{OUT}/claims.json",
@@ -34,10 +34,12 @@ rule claims:
         rules.report.output.claims,
     output:
         touch(f"{OUT}/.claims_checked"),
+    log:
+        f"{OUT}/logs/claims.log",
     params:
         cmd=CMD["claims"],
     shell:
-        "{params.cmd}"
+        "{params.cmd} > {log} 2>&1 || (cat {log} >&2; exit 1)"
 
 
 rule all:
