@@ -9,6 +9,7 @@ from pathlib import Path
 
 from baselines import BASELINE_KINDS
 from sol.errors import SolError
+from sol.methods import POLICY_KINDS
 
 
 def _threads(n: int | None) -> None:
@@ -96,9 +97,9 @@ def cmd_eval_ppl(args) -> None:
         from sol.evaluate import paper_baselines
         from sol.registry import build
 
-        pols = [c for c in args.controller if c.startswith(("policy:", "policy-tracked:"))]
+        pols = [c for c in args.controller if c.split(":", 1)[0] in POLICY_KINDS]
         if not pols:
-            raise SolError("--paper-baselines needs a policy:PATH or policy-tracked:PATH controller")
+            raise SolError("--paper-baselines needs a policy:PATH, policy-tracked:PATH or policy-os:PATH controller")
         if not (summary.method == pols[0].split(":", 1)[0]).any():
             raise SolError(f"{args.match_summary} has no '{pols[0].split(':', 1)[0]}' rows to match")
         grid = build(pols[0], args.model).grid  # baselines match the first policy listed
@@ -588,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--results", required=True)
     rp.add_argument("--config", required=True, help="the pipeline config that produced the results (provenance)")
     rp.add_argument("--model", required=True)
-    rp.add_argument("--primary", default="policy", choices=["policy", "policy-tracked"],
+    rp.add_argument("--primary", default="policy", choices=list(POLICY_KINDS),
                     help="the SOL variant the claims are about (the one the paper baselines were matched to)")
     rp.set_defaults(func=cmd_report)
 

@@ -14,9 +14,9 @@ from sol.io import atomic_path  # noqa: E402
 
 plt.rcParams.update({"pdf.fonttype": 42, "figure.dpi": 110, "font.size": 9})
 sns.set_theme(style="whitegrid", context="paper")
-MARKERS = {"policy": "o", "policy-tracked": "P", "matched": "s", "uniform": "^", "random": "x", "emc": "D", "dac": "v", "dense": "*",
+MARKERS = {"policy": "o", "policy-tracked": "P", "policy-os": "p", "matched": "s", "uniform": "^", "random": "x", "emc": "D", "dac": "v", "dense": "*",
            "weights": "P", "heads": "X", "oracle": "d", "static-best": "h"}
-COLORS = {"policy": "#5e3c99", "policy-tracked": "#2d004b", "matched": "#e66101", "uniform": "#1b7837", "random": "#4393c3", "emc": "#b2abd2",
+COLORS = {"policy": "#5e3c99", "policy-tracked": "#2d004b", "policy-os": "#c51b7d", "matched": "#e66101", "uniform": "#1b7837", "random": "#4393c3", "emc": "#b2abd2",
           "dac": "#fdb863", "dense": "black", "weights": "#8c510a", "heads": "#01665e", "oracle": "#7f7f7f",
           "static-best": "#7fbc41"}
 

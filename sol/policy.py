@@ -145,15 +145,20 @@ class PolicyController(Controller):
     (``state.budget``); ``"paper"``: on per-axis targets (token keep, prune keep, b/16) set with :meth:`set_targets`.
 
     With ``record=True`` it keeps every step's inputs, actions and log-probs for the GRPO update.
+    With a ``teacher`` (a controller, e.g. the greedy KL oracle) the teacher picks every action and the policy is not
+    run: the recorded inputs are what the policy would see along the teacher's trajectory, the labels of oracle
+    supervision (``sol.train``: ``oracle_init_blocks``).
     """
 
     name = "policy"
 
     def __init__(self, policy: Policy, grid: ActionGrid, budget_mode: str = "flop", greedy: bool = True,
                  generator: torch.Generator | None = None, record: bool = False, bias: dict | None = None,
-                 track_budget: bool = False):
+                 track_budget: bool = False, teacher: Controller | None = None):
         super().__init__(grid)
         self.track_budget = track_budget
+        self.teacher = teacher
+        self.needs_probe = getattr(teacher, "needs_probe", False)
         if budget_mode not in ("flop", "paper"):
             raise SolError(f"unknown budget_mode '{budget_mode}': use flop or paper")
         self.policy, self.budget_mode, self.greedy, self.gen, self.record = policy, budget_mode, greedy, generator, record
@@ -171,6 +176,8 @@ class PolicyController(Controller):
         self.targets = targets.float()
 
     def start_episode(self, n_rows, budget):
+        if self.teacher is not None:
+            self.teacher.start_episode(n_rows, budget)
         self.state = self.policy.new_state()
         self.sums = torch.zeros(n_rows, self.policy.cfg.n_budget)
         self.n = 0
@@ -183,18 +190,23 @@ class PolicyController(Controller):
         dev = self.sums / self.n - c if self.n else torch.zeros_like(c)
         t_frac = ((state.t + 1) / state.episode_len.float()).view(-1, 1)
         s = torch.cat([t_frac, torch.ones(state.batch, 1), c, dev], -1)
-        with torch.no_grad():
-            raw = self.policy.step(self.state, state.hidden, state.embedding, s, state.prev_action, c) + self.bias
-        logits = raw
-        if self.track_budget and self.budget_mode == "flop":
-            logits = tilt_to_budget(raw, state.keep_table, self.c[:, 0], self.sums[:, 0], self.n, state.remaining)
-        if self.greedy:
-            a = logits.argmax(-1)
+        if self.teacher is not None:  # the teacher acts; record what the policy would have seen
+            a = self.teacher.act(state)
+            self.trace.append(dict(h=state.hidden, e=state.embedding, s=s, prev=state.prev_action.clone(), a=a))
         else:
-            a = torch.multinomial(logits.softmax(-1), 1, generator=self.gen).squeeze(-1)
-        if self.record:
-            self.trace.append(dict(h=state.hidden, e=state.embedding, s=s, prev=state.prev_action.clone(), a=a,
-                                   tilt=logits - raw, logp=logits.log_softmax(-1).gather(-1, a[:, None]).squeeze(-1)))
+            with torch.no_grad():
+                raw = self.policy.step(self.state, state.hidden, state.embedding, s, state.prev_action, c) + self.bias
+            logits = raw
+            if self.track_budget and self.budget_mode == "flop":
+                logits = tilt_to_budget(raw, state.keep_table, self.c[:, 0], self.sums[:, 0], self.n, state.remaining)
+            if self.greedy:
+                a = logits.argmax(-1)
+            else:
+                a = torch.multinomial(logits.softmax(-1), 1, generator=self.gen).squeeze(-1)
+            if self.record:
+                self.trace.append(dict(h=state.hidden, e=state.embedding, s=s, prev=state.prev_action.clone(), a=a,
+                                       tilt=logits - raw,
+                                       logp=logits.log_softmax(-1).gather(-1, a[:, None]).squeeze(-1)))
         used = state.keep_table.gather(1, a[:, None]) if self.budget_mode == "flop" else self.axis_values[a]
         self.sums += used
         self.n += 1

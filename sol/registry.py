@@ -13,6 +13,9 @@ spec                                               controller
 ``policy-tracked:PATH``                            the same policy with budget tracking: its logits are tilted by
                                                    λ·keep so the expected keep meets the episode's remaining budget
                                                    (the policy decides where, the tracker how much)
+``policy-os:PATH``                                 ours: a policy pre-trained on the greedy KL oracle's actions, then
+                                                   GRPO (train key ``oracle_init_blocks``); the paper's recipe is
+                                                   ``policy``
 ``weights:bits=4,group=128``                       static group-wise RTN weight quantisation (dense actions)
 ``heads:keep=0.75``                                fixed head pruning: keep the most important 75 % of query heads
                                                    per layer (importance from the validation split)
@@ -33,9 +36,10 @@ from dataclasses import dataclass
 from sol.actions import Action, ActionGrid, grid_from
 from sol.controllers import Controller, Dense, FixedAction
 from sol.errors import SolError
+from sol.methods import POLICY_KINDS
 
-KINDS = ("dense", "uniform", "matched", "random", "emc", "dac", "policy", "policy-tracked", "weights", "heads",
-         "oracle-greedy", "oracle-ranked")
+KINDS = ("dense", "uniform", "matched", "random", "emc", "dac", *POLICY_KINDS, "weights", "heads", "oracle-greedy",
+         "oracle-ranked")
 
 
 @dataclass
@@ -85,11 +89,15 @@ def build(spec: str, model_name: str | None = None) -> Built:
         c = FixedAction(g, a)
         c.name = f"uniform:{a.tag}"
         return Built(c, g)
-    if kind in ("policy", "policy-tracked"):
+    if kind in POLICY_KINDS:
         from sol.policy import PolicyController
         from sol.train import load_policy
 
         policy, meta = load_policy(rest, model_name)
+        variant = meta.get("variant", "policy")
+        if (kind == "policy-os") != (variant == "policy-os"):
+            raise SolError(f"{rest} is a '{variant}' checkpoint: use "
+                           + ("policy-os:PATH" if variant == "policy-os" else "policy:PATH or policy-tracked:PATH"))
         g = ActionGrid.from_config(meta["grid"])
         track = kind == "policy-tracked" or meta.get("track_budget", False)  # trained with its tracker: always on
         c = PolicyController(policy, g, meta["budget_mode"], greedy=True, track_budget=track)

@@ -29,6 +29,7 @@ import pandas as pd
 from sol import figures
 from sol.compare import block_nll, bracket, front_nll, headroom_captured, pareto_front, versus_front
 from sol.io import write_json, write_text
+from sol.methods import POLICY_KINDS
 from sol.stats import paired_diff_ci
 
 VERDICTS = ("reproduced", "not reproduced", "not testable at this scale")
@@ -356,7 +357,7 @@ def uniform_comparison(res: Path, primary: str = "policy") -> pd.DataFrame | Non
     front = _true_uniform_front(uni)
     allb = pd.concat([blocks, ublocks], ignore_index=True).drop_duplicates(["method", "budget", "block"])
     rows = []
-    for _, p in ppl[ppl.method.isin(["policy", "policy-tracked"])].iterrows():
+    for _, p in ppl[ppl.method.isin(POLICY_KINDS)].iterrows():
         r = versus_front(allb, (p.method, p.budget), front, _x(p)) if _dense_enough(front, _x(p)) else None
         lm = (versus_front(allb, (p.method, p.budget), front, p.flop_keep) if _dense_enough(front, p.flop_keep)
               else None)  # LM-only FLOP keep, shown beside
@@ -438,12 +439,12 @@ def build_report(res: Path, config_path: Path, model: str, primary: str = "polic
     ppl, uni = _read(res / "ppl.csv"), _read(res / "ppl_uniform.csv")
     mmlu = _read(res / "mmlu.csv")
     if ppl is not None:
-        pts = ppl[ppl.method.isin(["policy", "policy-tracked", "matched", "static-best", "dense"])]
+        pts = ppl[ppl.method.isin([*POLICY_KINDS, "matched", "static-best", "dense"])]
         pts = pd.concat([pts, uni], ignore_index=True) if uni is not None else pts
         orc = _read(res / "ppl_oracle.csv")
         figures.pareto(pts, res / "pareto_ppl.pdf", oracle=orc)
         figures.pareto(pts, res / "pareto_netkeep.pdf", x="net_keep", oracle=orc)
-        figures.budget_adherence(ppl[ppl.method.isin(["policy", "policy-tracked"])], res / "budget_adherence.pdf")
+        figures.budget_adherence(ppl[ppl.method.isin(POLICY_KINDS)], res / "budget_adherence.pdf")
         violin = _violin_data(ppl, primary)
         if violin is not None:
             figures.random_violin(violin, res / "random_violin.pdf")

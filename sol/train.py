@@ -96,6 +96,13 @@ class TrainConfig:
     threads: int | None = None
     tensorboard: bool = False
     device: str = "cpu"        # the LM's device; the policy and the GRPO bookkeeping stay on the CPU
+    # Oracle supervision (ours, not the paper's; 0 = the paper's recipe): before GRPO, label this many train blocks
+    # (one episode each, a budget drawn from budget_range per block) with the greedy KL oracle's actions and pre-train
+    # the policy on (its inputs along the oracle's trajectory → the oracle's action) by cross-entropy. The checkpoint
+    # is then the `policy-os` variant.
+    oracle_init_blocks: int = 0
+    oracle_init_epochs: int = 30
+    oracle_init_lr: float = 1e-3
 
     def __post_init__(self):
         checks = [
@@ -106,6 +113,10 @@ class TrainConfig:
             (len(self.budget_range) == 2 and 0 < self.budget_range[0] <= self.budget_range[1] <= 1,
              f"budget_range {self.budget_range} must be [lo, hi] within (0, 1]"),
             (self.rollouts * self.blocks_per_update >= self.minibatches, "fewer sequences than minibatches"),
+            (self.oracle_init_blocks >= 0 and self.oracle_init_epochs >= 1 and self.oracle_init_lr > 0,
+             "oracle_init_blocks must be >= 0, oracle_init_epochs >= 1 and oracle_init_lr > 0"),
+            (not self.oracle_init_blocks or self.budget_mode == "flop",
+             "oracle supervision labels FLOP-keep budgets only (budget_mode: flop)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -236,6 +247,7 @@ class Trainer:
         self.meta = {"model": self.model_name, "grid": self.grid.to_config(),
                      "settings": dataclasses.asdict(cfg.settings()), "budget_mode": cfg.budget_mode,
                      "track_budget": cfg.track_budget,
+                     "variant": "policy-os" if cfg.oracle_init_blocks else "policy",
                      "config_hash": config_hash(cfg), "policy_macs": self.policy.step_macs(),
                      "lm_dense_macs": lm_macs, "policy_params": n_params(self.policy)}
         self.metrics: list[dict] = []
@@ -255,6 +267,8 @@ class Trainer:
         self.opt.load_state_dict(ck["optimizer"])
         self.update = ck["update"]
         self.metrics = ck.get("metrics", [])
+        if "oracle_init" in ck:
+            self.meta["oracle_init"] = ck["oracle_init"]
         return True
 
     def checkpoint(self) -> None:
@@ -358,10 +372,60 @@ class Trainer:
         return {"loss": float(np.mean(stats["loss"])), "entropy": float(np.mean(stats["entropy"])),
                 "ratio_max_dev": float(np.max(stats["ratio_max_dev"])), "clip_frac": float(np.mean(stats["clip_frac"]))}
 
+    # --- oracle supervision (ours) -------------------------------------------------------------------------------
+    def oracle_labels(self, rows: int = 32) -> dict[str, torch.Tensor]:
+        """The policy's inputs along the greedy KL oracle's trajectory on ``oracle_init_blocks`` train blocks (one
+        episode each, a seeded budget per block), and the oracle's actions: h, e [N, T, D], s [N, T, S], prev, a
+        [N, T], cond [N, 1]. The oracle runs its candidates as rows (``Engine.step_alternatives``)."""
+        from sol.oracles import GreedyOracle
+
+        c = self.cfg
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + 999_983)  # apart from every update's stream
+        idx = torch.randperm(len(self.blocks), generator=g)[: c.oracle_init_blocks]
+        blocks = self.blocks[idx]
+        budget, _ = self.sample_budgets(g, len(idx))
+        parts = []
+        for i in tqdm(range(0, len(blocks), rows), desc="oracle labels", disable=self.rank != 0):
+            ctrl = PolicyController(self.policy, self.grid, "flop", teacher=GreedyOracle(self.grid, horizon=1))
+            self.runtime.rollout(blocks[i:i + rows], ctrl, budget[i:i + rows], c.context, c.episode)
+            parts.append({k: torch.stack([step[k] for step in ctrl.trace], 1) for k in ctrl.trace[0]})
+        data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        data["cond"] = budget.view(-1, 1)
+        return data
+
+    def oracle_init(self) -> list[dict]:
+        """Pre-train the policy on the oracle's labels (cross-entropy, AdamW, seeded minibatches of 16 episodes);
+        per epoch: loss and agreement with the oracle (argmax)."""
+        c = self.cfg
+        d = self.oracle_labels()
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + 999_979)
+        opt = torch.optim.AdamW(self.policy.parameters(), lr=c.oracle_init_lr, weight_decay=c.weight_decay)
+        n, log = len(d["a"]), []
+        self.policy.train()
+        for epoch in range(c.oracle_init_epochs):
+            losses, hits = [], []
+            for mb in torch.randperm(n, generator=g).split(16):
+                logits = self.policy.forward_sequence(d["h"][mb], d["e"][mb], d["s"][mb], d["prev"][mb], d["cond"][mb])
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), d["a"][mb].flatten())
+                opt.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
+                opt.step()
+                losses.append(loss.item())
+                hits.append((logits.argmax(-1) == d["a"][mb]).float().mean().item())
+            log.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "agreement": float(np.mean(hits)),
+                        "labels": int(d["a"].numel()), "distinct_oracle_actions": int(d["a"].unique().numel())})
+        self.policy.eval()
+        return log
+
     def run(self) -> Path:
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         resumed = self.try_resume()
+        if c.oracle_init_blocks and not resumed:  # once, before GRPO; checkpointed, so a resumed run skips it
+            self.meta["oracle_init"] = self.oracle_init()
+            write_text(self.out / "oracle_init.csv", pd_csv(self.meta["oracle_init"]))
+            self.checkpoint()
         writer = None
         if c.tensorboard and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -397,6 +461,14 @@ class Trainer:
         if writer:
             writer.close()
         return final
+
+
+def pd_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
 
 
 def _yaml(d: dict) -> str:

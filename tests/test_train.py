@@ -221,3 +221,32 @@ def test_static_sweep_equals_each_fixed_action_alone():
         ro = runtime.rollout(blocks, FixedAction(grid, grid[a]), 1.0, 32, episode=8)
         assert abs(ro.nll.mean().item() - sweep.nll[a]) < 1e-5
         assert abs(ro.mean_flop_keep().mean().item() - sweep.flop_keep[a]) < 1e-9
+
+
+def test_oracle_supervision_pretrains_then_grpo_and_names_the_variant(corpus, tmp_path):
+    """oracle_init_blocks (ours): the greedy KL oracle labels train blocks, the policy is pre-trained on its actions
+    (cross-entropy falls, agreement rises), GRPO follows, and the checkpoint is the `policy-os` variant: it loads as
+    policy-os:PATH and is refused as policy:PATH. A run resumed after the pre-training does not label again, and
+    ends bitwise where the uninterrupted run ends."""
+    import pandas as pd
+
+    from sol.registry import build
+
+    extra = ("updates=4", "checkpoint_every=1", "oracle_init_blocks=6", "oracle_init_epochs=8", "kl_weight=1",
+             "logp_weight=0", "track_budget=true", "grid=J-2L")
+    full = _train(corpus, tmp_path / "os", *extra)
+    assert full.returncode == 0, full.stderr
+    log = pd.read_csv(tmp_path / "os" / "oracle_init.csv")
+    assert len(log) == 8 and log.loss.iloc[-1] < log.loss.iloc[0] and log.agreement.iloc[-1] > log.agreement.iloc[0]
+    assert log.labels.iloc[0] == 6 * 8 and log.distinct_oracle_actions.iloc[0] > 1  # it allocates, not one level
+    ck = torch.load(tmp_path / "os" / "policy.pt", weights_only=False)
+    assert ck["variant"] == "policy-os" and ck["update"] == 4 and len(ck["oracle_init"]) == 8
+    assert build(f"policy-os:{tmp_path / 'os' / 'policy.pt'}", "tiny-llama").controller.name == "policy-os"
+    with pytest.raises(SolError, match="'policy-os' checkpoint: use policy-os:PATH"):
+        build(f"policy:{tmp_path / 'os' / 'policy.pt'}", "tiny-llama")
+    killed = _train(corpus, tmp_path / "os2", *extra, kill_after=2)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _train(corpus, tmp_path / "os2", *extra)
+    assert resumed.returncode == 0 and "oracle labels" not in resumed.stderr
+    b = torch.load(tmp_path / "os2" / "policy.pt", weights_only=False)["policy"]
+    assert all(torch.equal(ck["policy"][k], b[k]) for k in b)
