@@ -4,6 +4,8 @@ Inputs at decision step t (taken *before* the LM processes token x_t):
   h      LM final-norm hidden state of the previous position          [D_lm]
   e      LM input embedding of the current token                      [D_lm]
   s      scalars: (t+1)/T, effective flag, budgets c, running realised usage − c   [2 + 2·n_budget]
+         (+ with ``difficulty_vocab`` > 0: the entropy and the top-1 probability of the LM's previous logits, signals
+         of how hard the step is; ours, not the paper's; their softmax over the vocabulary counts as V MACs a step)
   a_prev previous (effective) action id, BOS = A at the episode start
 x = obs_proj([h ‖ e ‖ scalar_proj(s) ‖ action_emb(a_prev)]) + pos_emb[t] → pre-LN blocks → ln_f
 logits = (pi(x) + budget_head(c)) / τ
@@ -37,10 +39,11 @@ class PolicyConfig:
     action_dim: int = 32
     scalar_hidden: int = 64
     temperature: float = 1.3
+    difficulty_vocab: int = 0  # > 0: two difficulty inputs from the LM's previous logits over this vocabulary
 
     @property
     def scalar_dim(self) -> int:
-        return 2 + 2 * self.n_budget
+        return 2 + 2 * self.n_budget + (2 if self.difficulty_vocab else 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,7 +126,7 @@ class Policy(nn.Module):
     def step_macs(self, context: int = 16) -> int:
         """MACs of one step: every Linear once + attention over ``context`` cached steps."""
         lin = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, nn.Linear))
-        return lin + 2 * self.cfg.d_model * context * len(self.blocks)
+        return lin + 2 * self.cfg.d_model * context * len(self.blocks) + self.cfg.difficulty_vocab
 
 
 def size_for(d_lm: int, n_actions: int, lm_step_macs: float, max_fraction: float = 0.02, **kw) -> PolicyConfig:
@@ -190,6 +193,8 @@ class PolicyController(Controller):
         dev = self.sums / self.n - c if self.n else torch.zeros_like(c)
         t_frac = ((state.t + 1) / state.episode_len.float()).view(-1, 1)
         s = torch.cat([t_frac, torch.ones(state.batch, 1), c, dev], -1)
+        if self.policy.cfg.difficulty_vocab:
+            s = torch.cat([s, difficulty(state.prev_logits)], -1)
         if self.teacher is not None:  # the teacher acts; record what the policy would have seen
             a = self.teacher.act(state)
             self.trace.append(dict(h=state.hidden, e=state.embedding, s=s, prev=state.prev_action.clone(), a=a))
@@ -214,6 +219,12 @@ class PolicyController(Controller):
 
     def step_macs(self) -> int:
         return self.policy.step_macs()
+
+
+def difficulty(logits: torch.Tensor) -> torch.Tensor:
+    """[B, 2]: entropy (nats) and top-1 probability of the LM's next-token distribution from ``logits [B, V]``."""
+    lp = logits.float().log_softmax(-1)
+    return torch.stack([-(lp.exp() * lp).sum(-1), lp.max(-1).values.exp()], -1)
 
 
 def tilt_to_budget(logits: torch.Tensor, keep: torch.Tensor, budget: torch.Tensor, spent: torch.Tensor, n: int,

@@ -100,6 +100,8 @@ class TrainConfig:
     # (one episode each, a budget drawn from budget_range per block) with the greedy KL oracle's actions and pre-train
     # the policy on (its inputs along the oracle's trajectory → the oracle's action) by cross-entropy. The checkpoint
     # is then the `policy-os` variant.
+    difficulty_inputs: bool = False  # ours: the policy also reads the entropy and top-1 probability of the LM's
+                                     # previous logits (PolicyConfig.difficulty_vocab)
     oracle_init_blocks: int = 0
     oracle_init_epochs: int = 30
     oracle_init_lr: float = 1e-3
@@ -234,7 +236,8 @@ class Trainer:
         lm_macs = self.cost.dense_macs(cfg.context + cfg.episode)
         n_budget = 1 if cfg.budget_mode == "flop" else 3
         kw = dict(n_budget=n_budget, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_len=max(64, cfg.episode),
-                  temperature=cfg.temperature)
+                  temperature=cfg.temperature,
+                  difficulty_vocab=model.config.vocab_size if cfg.difficulty_inputs else 0)
         pcfg = (PolicyConfig(d_lm=model.config.hidden_size, n_actions=len(self.grid), d_model=cfg.d_model, **kw)
                 if cfg.d_model else size_for(model.config.hidden_size, len(self.grid), lm_macs, **kw))
         torch.manual_seed(cfg.seed)

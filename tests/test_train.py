@@ -250,3 +250,28 @@ def test_oracle_supervision_pretrains_then_grpo_and_names_the_variant(corpus, tm
     assert resumed.returncode == 0 and "oracle labels" not in resumed.stderr
     b = torch.load(tmp_path / "os2" / "policy.pt", weights_only=False)["policy"]
     assert all(torch.equal(ck["policy"][k], b[k]) for k in b)
+
+
+def test_difficulty_inputs_reach_the_policy_and_are_costed(corpus, tmp_path):
+    """difficulty_inputs (ours): the policy reads the entropy and top-1 probability of the LM's previous logits; its
+    step MACs count the softmax over the vocabulary; the checkpoint runs as a controller."""
+    from sol.policy import difficulty
+    from sol.registry import build
+    from sol.runtime import Runtime
+    from sol.engine import Engine
+    from sol.models import load
+
+    uniform = torch.zeros(2, 4)
+    peaked = torch.tensor([[10.0, 0, 0, 0]]).expand(2, 4)
+    assert torch.allclose(difficulty(uniform), torch.tensor([[np.log(4), 0.25]] * 2).float())
+    assert (difficulty(peaked)[:, 0] < 0.01).all() and (difficulty(peaked)[:, 1] > 0.99).all()
+    r = _train(corpus, tmp_path / "d", "updates=2", "difficulty_inputs=true")
+    assert r.returncode == 0, r.stderr
+    ck = torch.load(tmp_path / "d" / "policy.pt", weights_only=False)
+    assert ck["policy_config"]["difficulty_vocab"] == 320
+    built = build(f"policy:{tmp_path / 'd' / 'policy.pt'}", "tiny-llama")
+    plain = Policy(PolicyConfig(**{**ck["policy_config"], "difficulty_vocab": 0}))
+    assert built.controller.step_macs() - plain.step_macs() == 320 + 2 * 64  # the softmax, and 2 more scalar inputs
+    rt = Runtime(Engine(load("tiny-llama")[0]), built.grid)
+    ro = rt.rollout(torch.randint(0, 300, (2, 45)), built.controller, 0.7, 32)
+    assert ro.logprobs.shape == (2, 12)
