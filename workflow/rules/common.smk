@@ -19,6 +19,7 @@ EV = config["eval"]
 MM = config["mmlu"]
 ST = config["studies"]
 DEVICE = config["device"]
+VARIANTS = list(config.get("train_variants", {}))  # more trained SOL variants (ours), evaluated beside the primary
 
 
 # Threads. Small decode ops run slower with more intra-op threads on CPU (one eval, measured on the 2-core machine:

@@ -1,8 +1,9 @@
 rule eval_policy:
-    """The policy at every budget, and dense."""
+    """The policy at every budget (and the trained variants of train_variants), and dense."""
     priority: 9  # the critical path (train → eval_policy → eval_baselines → report) starts first
     input:
         policy=rules.train.output,
+        variants=[f"{OUT}/{v}/policy.pt" for v in VARIANTS],
     output:
         csv=f"{OUT}/parts/ppl_policy.csv",
         blocks=f"{OUT}/parts/ppl_policy.blocks.csv",
@@ -16,9 +17,10 @@ rule eval_policy:
         cmd=CMD["eval_policy"],
         primary=EV["primary"],
         secondary=lambda wc, input: f"{EV['secondary']}:{input.policy}" if EV.get("secondary") else "",
+        variants=lambda wc, input: " ".join(f"{v}:{p}" for v, p in zip(VARIANTS, input.variants)),
     shell:
-        "{params.env} {params.cmd} --controller {params.primary}:{input.policy} {params.secondary} dense "
-        "--out {output.csv} > {log} 2>&1"
+        "{params.env} {params.cmd} --controller {params.primary}:{input.policy} {params.secondary} {params.variants} "
+        "dense --out {output.csv} > {log} 2>&1"
 
 
 rule eval_baselines:
