@@ -62,7 +62,8 @@ def kv_pollution(summary: pd.DataFrame, path) -> None:
 
 
 def pareto(df: pd.DataFrame, path, x: str = "flop_keep", y: str = "ppl", ylabel: str = "perplexity",
-           lower_is_better: bool = True, dense_line: float | None = None, oracle: pd.DataFrame | None = None) -> None:
+           lower_is_better: bool = True, dense_line: float | None = None, oracle: pd.DataFrame | None = None,
+           chance: float | None = None) -> None:
     """Quality vs cost: every point faded, each family's Pareto front opaque; CIs as error bars. Left: every level
     (far-off perplexities clipped); right: a zoom on the policy's operating points, where the fronts compete. The
     legend sits outside both."""
@@ -90,6 +91,8 @@ def pareto(df: pd.DataFrame, path, x: str = "flop_keep", y: str = "ppl", ylabel:
                     label="greedy oracle (non-causal, not a bound)")
         if dense_line is not None:  # the dense point is in the legend already
             ax.axhline(dense_line, c="k", ls="-.", lw=0.8)
+        if chance is not None:
+            ax.axhline(chance, c="0.6", ls=":", lw=1.0, label=f"chance ({chance:g})")
         ax.set_xlabel({"flop_keep": "FLOP keep (bit-weighted, fvcore)", "net_keep": "net keep (κ+ρ+b/16)/3"}.get(x, x))
     main = axes[0][0]
     main.set_ylabel(ylabel)

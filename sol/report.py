@@ -378,6 +378,14 @@ def uniform_comparison(res: Path, primary: str = "policy") -> pd.DataFrame | Non
     return pd.DataFrame(rows)
 
 
+def _wilson(acc, n, z: float = 1.96):
+    """95 % Wilson score interval of accuracies ``acc`` over ``n`` questions (arrays)."""
+    acc, n = np.asarray(acc, float), np.asarray(n, float)
+    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 def _ci(lo: float, hi: float) -> str:
     """A paired CI on a ppl ratio from NLL-difference bounds, with its half-width."""
     a, b = np.exp(lo), np.exp(hi)
@@ -450,8 +458,10 @@ def build_report(res: Path, config_path: Path, model: str, primary: str = "polic
             figures.random_violin(violin, res / "random_violin.pdf")
     if mmlu is not None:
         dense = mmlu.loc[mmlu.method == "dense", "acc"]
-        figures.pareto(mmlu, res / "pareto_mmlu.pdf", y="acc", ylabel="MMLU accuracy",
-                       lower_is_better=False, dense_line=float(dense.iloc[0]) if len(dense) else None)
+        lo, hi = _wilson(mmlu.acc, mmlu.questions)
+        figures.pareto(mmlu.assign(acc_lo=lo, acc_hi=hi), res / "pareto_mmlu.pdf", y="acc",
+                       ylabel="MMLU accuracy (95 % Wilson CI)", lower_is_better=False,
+                       dense_line=float(dense.iloc[0]) if len(dense) else None, chance=0.25)
         _table(mmlu, res / "table_mmlu")
     bench = _read(res / "bench.csv")
     if bench is not None:
@@ -486,7 +496,39 @@ def build_report(res: Path, config_path: Path, model: str, primary: str = "polic
     prov = provenance(config_path, model, primary, res) | {"claim1_budget": claim_budget}
     write_json(res / "claims.json", {"claims": claims, "provenance": prov})
     write_text(res / "claims.md", claims_markdown(claims, prov, caveats(res, primary)))
+    write_text(res / "index.md", index_markdown(res, claims, prov))
     return claims
+
+
+FIGURE_CAPTIONS = (  # (file stem, what it shows): the one page a reader opens
+    ("pareto_ppl", "Perplexity vs FLOP keep: every method's front, CIs as bars; right: the operating points"),
+    ("pareto_netkeep", "The same on the paper's net keep (κ+ρ+b/16)/3"),
+    ("pareto_mmlu", "MMLU accuracy vs FLOP keep, 95 % Wilson CIs, chance and dense lines"),
+    ("budget_adherence", "Requested vs realised keep (total: LM + the policy's own MACs; LM only beside)"),
+    ("random_violin", "Random permutations of the matched mix per operating point, with best-of-N, the heuristics "
+                      "and the policy"),
+    ("damage_curves", "True uniform compression along each axis: the curvature that decides whether mixing levels "
+                      "can pay"),
+    ("action_timeline", "The policy's per-token actions next to the dense entropy"),
+    ("kv_pollution", "A few corrupted steps and the dense tail after them"),
+    ("token_difficulty", "How many steps are near-certain for the dense model"),
+    ("step_cost", "FLOP keep and measured time per action (batch 1)"),
+)
+
+
+def index_markdown(res: Path, claims: list[dict], prov: dict) -> str:
+    """``index.md``: the claims' verdicts, every figure of the folder with one line on what it shows, the tables."""
+    lines = [f"# Results: {prov.get('model', '')} ({prov.get('config', '')})", "",
+             "| # | claim | verdict |", "|---|---|---|"]
+    lines += [f"| {i + 1} | {c['paper']} | **{c['verdict']}** |" for i, c in enumerate(claims)]
+    lines += ["", "Numbers, CIs and caveats: [claims.md](claims.md).", ""]
+    for stem, caption in FIGURE_CAPTIONS:
+        if (res / f"{stem}.png").is_file():
+            lines += [f"## {caption}", "", f"![{stem}]({stem}.png)", ""]
+    tables = sorted(p.name for p in res.glob("table_*.md"))
+    if tables:
+        lines += ["## Tables (markdown; LaTeX beside each)", ""] + [f"- [{t}]({t})" for t in tables] + [""]
+    return "\n".join(lines)
 
 
 def _violin_data(ppl: pd.DataFrame, primary: str) -> pd.DataFrame | None:

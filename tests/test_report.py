@@ -126,6 +126,9 @@ def test_report_and_check(tmp_path):
     assert (res / "pareto_ppl.pdf").is_file() and (res / "pareto_ppl.png").is_file()
     assert (res / "damage_curves.pdf").is_file() and (res / "table_headroom.md").is_file()
     assert (res / "claims.md").is_file() and (res / "random_violin.pdf").is_file()
+    index = (res / "index.md").read_text()  # the one page: verdicts, every figure that exists, the tables
+    assert "(claims.md)" in index and "![pareto_ppl](pareto_ppl.png)" in index and "(table_headroom.md)" in index
+    assert index.count("| **") == len(json.loads((res / "claims.json").read_text())["claims"])
     assert check(res, cfg) == [] and sanity(res) == []
     doc = json.loads((res / "claims.json").read_text())
     doc["claims"][1]["verdict"] = "not reproduced"
