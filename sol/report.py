@@ -66,9 +66,20 @@ def claim1_budget(config_path: Path) -> float | None:
     return None if b is None else float(b)
 
 
+def other_mmlu(res: Path) -> list[tuple[str, str, str]]:
+    """(style, summary, per-question file) of every MMLU style run beside the claim's (``mmlu_<style>.csv``: the
+    pipeline's mmlu.style lists several; ``mmlu.csv`` is always claim 1's pre-registered style)."""
+    out = []
+    for f in sorted(Path(res).glob("mmlu_*.csv")):
+        if not f.name.endswith(".questions.csv"):
+            out.append((f.stem[len("mmlu_"):], f.name, f.stem + ".questions.csv"))
+    return out
+
+
 def input_hashes(res: Path) -> dict[str, str]:
     """Full SHA-256 of every input file present."""
-    return {name: hashlib.sha256((Path(res) / name).read_bytes()).hexdigest() for name in INPUTS
+    names = list(INPUTS) + [n for _, s, q in other_mmlu(res) for n in (s, q)]
+    return {name: hashlib.sha256((Path(res) / name).read_bytes()).hexdigest() for name in names
             if (Path(res) / name).is_file()}
 
 
@@ -397,7 +408,7 @@ def _table(df: pd.DataFrame, path_stem: Path) -> None:
     write_text(path_stem.with_suffix(".tex"), df.to_latex(index=False, float_format="%.4g"))
 
 
-def caveats(res: Path, primary: str = "policy") -> list[str]:
+def caveats(res: Path, primary: str = "policy", claim_budget: float | None = None) -> list[str]:
     """What a reader of the verdicts should also know, from the same data: fixed baselines that beat the policy with
     less compute, the static transforms' missing dense refresh, schedule baselines that coincide, the headroom
     study's split."""
@@ -424,6 +435,10 @@ def caveats(res: Path, primary: str = "policy") -> list[str]:
                 notes.append(f"At budget {b:g} {who} the matched mix's exact perplexity: their content signal moves "
                              f"a step's probability of the high level by at most γ/2 = 0.175, which flips no step "
                              f"where that probability is below 0.325 or above 0.675 (a lopsided two-level mix).")
+    for style, summary, per in other_mmlu(res):  # claim 1's rule on each other style: a secondary line, not the claim
+        c = _mmlu_claim(_read(res / summary), _read(res / per), primary, claim_budget)
+        notes.append(f"Claim 1's rule on the {style} MMLU style (run beside it; not the pre-registered style): "
+                     f"{c['ours']} → {c['verdict']}.")
     if (res / "headroom").is_dir() and any((res / "headroom").glob("headroom_*.csv")):
         notes.append("The headroom study rows are measured on the test split, as every result here: they describe "
                      "the headroom, and nothing (no grid, level or feature) was chosen from them.")
@@ -495,7 +510,7 @@ def build_report(res: Path, config_path: Path, model: str, primary: str = "polic
     claims = compute_claims(res, primary, claim_budget)
     prov = provenance(config_path, model, primary, res) | {"claim1_budget": claim_budget}
     write_json(res / "claims.json", {"claims": claims, "provenance": prov})
-    write_text(res / "claims.md", claims_markdown(claims, prov, caveats(res, primary)))
+    write_text(res / "claims.md", claims_markdown(claims, prov, caveats(res, primary, claim_budget)))
     write_text(res / "index.md", index_markdown(res, claims, prov))
     return claims
 
@@ -597,7 +612,8 @@ def check(res: Path, config_path: Path | None = None) -> list[str]:
     md = res / "claims.md"
     if not md.is_file():
         problems.append(f"{md} is missing")
-    elif md.read_text() != claims_markdown(fresh, prov, caveats(res, prov.get("primary", "policy"))):
+    elif md.read_text() != claims_markdown(fresh, prov, caveats(res, prov.get("primary", "policy"),
+                                                                prov.get("claim1_budget"))):
         problems.append(f"{md} differs from the claims the data give (regenerate it with sol report)")
     return problems
 
@@ -638,7 +654,8 @@ def check_summaries(res: Path, rtol: float = 1e-6) -> list[str]:
     from sol.stats import ppl_with_ci
 
     problems = []
-    for summary, per in SUMMARIES + (("mmlu.csv", "mmlu.questions.csv"),):
+    for summary, per in SUMMARIES + (("mmlu.csv", "mmlu.questions.csv"),) + tuple((a, b) for _, a, b in
+                                                                                   other_mmlu(res)):
         s, b = _read(res / summary), _read(res / per)
         if s is None and b is None:
             continue
@@ -652,7 +669,7 @@ def check_summaries(res: Path, rtol: float = 1e-6) -> list[str]:
             if d.empty:
                 problems.append(f"{at}: no rows in {per}")
                 continue
-            if summary == "mmlu.csv":
+            if summary.startswith("mmlu"):
                 want = {"acc": d.acc.mean(), "acc_norm": d.acc_norm.mean(), "questions": len(d)}
             else:
                 nll = d.sort_values("block").nll.to_numpy()

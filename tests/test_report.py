@@ -78,7 +78,8 @@ def _mmlu(res, gain: float, dense_acc: float, n: int = 400, seed: int = 0):
         rows += [dict(method=method, budget=budget, task="t", doc_id=i, acc=a, acc_norm=a, gold_ll=-1.0 + a)
                  for i, a in enumerate(acc)]
         summary.append(dict(method=method, budget=budget, acc=acc.mean(), acc_norm=acc.mean(), questions=n,
-                            flop_keep=keep - (0.02 if method == "policy" else 0), total_keep=keep))
+                            flop_keep=keep - (0.02 if method == "policy" else 0), total_keep=keep,
+                            token_keep=1.0, prune_keep=1.0, bit_ratio=keep))  # levels on the bits axis
     pd.DataFrame(rows).to_csv(res / "mmlu.questions.csv", index=False)
     pd.DataFrame(summary).to_csv(res / "mmlu.csv", index=False)
 
@@ -272,3 +273,30 @@ def test_caveats_say_the_uncomfortable_things(tmp_path):
     ppl.to_csv(res / "ppl.csv", index=False)
     blocks.to_csv(res / "ppl.blocks.csv", index=False)
     assert any(n.startswith("At budget 0.8 EMC gives the matched mix's exact perplexity") for n in caveats(res))
+
+
+def test_a_second_mmlu_style_is_a_checked_secondary_line(tmp_path):
+    """mmlu_<style>.csv beside mmlu.csv (the pipeline's mmlu.style with several styles): claim 1 stays on the
+    pre-registered style; claims.md adds claim 1's rule on the other style as a line of its own; its files are inputs
+    of the check (hashed, summaries recomputed), so tampering with them fails it."""
+    res = _results(tmp_path)
+    _uniform_and_oracle(res, 0.1)
+    _mmlu(res, 0.6, 0.5)
+    main = {c["id"]: c for c in compute_claims(res, claim_budget=0.7)}["mmlu_gain_over_uniform"]
+    for f in ("mmlu.csv", "mmlu.questions.csv"):
+        (res / f).rename(res / f.replace("mmlu", "mmlu_letter"))
+    _mmlu(res, -0.3, 0.5, seed=1)  # the claim's style: a loss
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("mmlu: {budgets: [0.7], claim_budget: 0.7}\n")
+    claims = {c["id"]: c for c in build_report(res, cfg, "tiny-llama")}
+    assert claims["mmlu_gain_over_uniform"]["verdict"] == "not reproduced"
+    md = (res / "claims.md").read_text()
+    assert f"Claim 1's rule on the letter MMLU style (run beside it; not the pre-registered style): {main['ours']} " \
+           f"→ reproduced." in md
+    assert check(res, cfg) == []
+    assert {"mmlu_letter.csv", "mmlu_letter.questions.csv"} <= set(json.loads(
+        (res / "claims.json").read_text())["provenance"]["inputs"])
+    q = res / "mmlu_letter.questions.csv"
+    q.write_text(q.read_text().replace("1.0,1.0", "0.0,1.0", 1))
+    problems = check(res, cfg)
+    assert any("mmlu_letter.questions.csv" in p for p in problems), problems

@@ -20,6 +20,12 @@ MM = config["mmlu"]
 ST = config["studies"]
 DEVICE = config["device"]
 VARIANTS = list(config.get("train_variants", {}))  # more trained SOL variants (ours), evaluated beside the primary
+# MMLU styles: claim 1's (pre-registered) writes mmlu.csv, every other style mmlu_<style>.csv
+MMLU_STYLES = [MM["style"]] if isinstance(MM["style"], str) else list(MM["style"])
+CLAIM_STYLE = MM.get("claim_style", MMLU_STYLES[0])
+if CLAIM_STYLE not in MMLU_STYLES:
+    raise ValueError(f"config: mmlu.claim_style {CLAIM_STYLE} is not one of mmlu.style {MMLU_STYLES}")
+OTHER_STYLES = [s for s in MMLU_STYLES if s != CLAIM_STYLE]
 
 
 # Threads. Small decode ops run slower with more intra-op threads on CPU (one eval, measured on the 2-core machine:
@@ -53,8 +59,8 @@ CMD = {
     "eval_baselines": (f"sol eval ppl {TEXT} --paper-baselines {EV['random_trials']} "
                        f"--selection-blocks {EV['selection_blocks']} --match {EV['match']}"),
     "eval_uniform": f"sol eval ppl {TEXT} --controller dense {quoted(EV['uniform'])}",
-    "eval_mmlu": (f"sol eval mmlu --model {MODEL} --budget {words(MM['budgets'])} --paper-baselines --style "
-                  f"{MM['style']} --shots {MM['shots']} --per-subject {MM['per_subject']} --episode {EV['episode']} "
+    "eval_mmlu": (f"sol eval mmlu --model {MODEL} --budget {words(MM['budgets'])} --paper-baselines "
+                  f"--shots {MM['shots']} --per-subject {MM['per_subject']} --episode {EV['episode']} "
                   f"--match {EV['match']} --device {DEVICE}"),
     "bench": (f"sol bench --model {MODEL} --kv-len {words(config['bench']['kv_len'])} "
               f"--steps {config['bench']['steps']} --device {DEVICE}"),

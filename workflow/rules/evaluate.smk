@@ -131,11 +131,37 @@ rule eval_mmlu:
     params:
         env=env(),
         cmd=CMD["eval_mmlu"],
+        style=CLAIM_STYLE,
         uniform=quoted(MM["uniform"]),
         primary=EV["primary"],
     shell:
-        "{params.env} {params.cmd} --controller {params.primary}:{input.policy} dense {params.uniform} "
-        "--out {output.csv} > {log} 2>&1"
+        "{params.env} {params.cmd} --style {params.style} --controller {params.primary}:{input.policy} dense "
+        "{params.uniform} --out {output.csv} > {log} 2>&1"
+
+
+rule eval_mmlu_style:
+    """The same MMLU run in each other style of mmlu.style (claim 1's rule reported on it as a secondary line)."""
+    priority: 5
+    input:
+        policy=rules.train.output,
+    output:
+        csv=f"{OUT}/mmlu_{{style}}.csv",
+        questions=f"{OUT}/mmlu_{{style}}.questions.csv",
+    wildcard_constraints:
+        style="|".join(OTHER_STYLES) or "no-style",
+    log:
+        f"{OUT}/logs/eval_mmlu_{{style}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/eval_mmlu_{{style}}.tsv",
+    threads: SLOT
+    params:
+        env=env(),
+        cmd=CMD["eval_mmlu"],
+        uniform=quoted(MM["uniform"]),
+        primary=EV["primary"],
+    shell:
+        "{params.env} {params.cmd} --style {wildcards.style} --controller {params.primary}:{input.policy} dense "
+        "{params.uniform} --out {output.csv} > {log} 2>&1"
 
 
 rule bench:

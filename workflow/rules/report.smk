@@ -8,6 +8,7 @@ rule report:
         rules.eval_ppl.output,
         rules.eval_uniform.output,
         rules.eval_mmlu.output,
+        [f"{OUT}/mmlu_{s}.csv" for s in OTHER_STYLES],
         rules.bench.output,
         rules.profile.output,
         rules.kv_pollution.output,
