@@ -105,7 +105,7 @@ def format_table(df: pd.DataFrame) -> str:
     cols = ["model", "kv_len", "action", "fvcore_macs", "analytic_macs", "flop_keep", "net_keep", "bytes_keep",
             "median_ms", "time_ratio", "roofline_ratio"]
     out = df[cols].copy()
-    out["fvcore_macs"] = (out["fvcore_macs"] / 1e6).map("{:.2f}M".format)
+    out["fvcore_macs"] = (out["fvcore_macs"] / 1e6).map(lambda v: "—" if v != v else f"{v:.2f}M")  # — : not counted
     out["analytic_macs"] = (out["analytic_macs"] / 1e6).map("{:.2f}M".format)
     for c in ("flop_keep", "net_keep", "bytes_keep", "time_ratio", "roofline_ratio"):
         out[c] = out[c].map("{:.3f}".format)
