@@ -317,7 +317,8 @@ def quest_mask(q: torch.Tensor, keys: torch.Tensor, pos: int, n_pages: torch.Ten
     included); keys: [B, Hkv, pos + T, hd]; n_pages: [B, T] pages each query selects (``quest_pages``).
     Returns allowed [B, Hq, T, pos + T] (bool): exactly the keys :func:`select_tokens` returns for each query alone.
     ``alternatives``: the T queries all sit at position ``pos`` (candidate actions for one step,
-    ``Engine.step_alternatives``): keys [B, Hkv, pos + 1, hd], allowed [B, Hq, T, pos + 1].
+    ``Engine.step_alternatives``): keys [B, Hkv, ≥ pos, hd] (each query's own key at ``pos`` differs and, with
+    window ≥ page_size, never enters a candidate page's metadata), allowed [B, Hq, T, pos + 1].
 
     Page metadata is computed once for all queries; a candidate page that also holds keys a query cannot see yet
     (possible only when window < page_size) gets that query's own metadata over the keys it sees."""
@@ -330,7 +331,7 @@ def quest_mask(q: torch.Tensor, keys: torch.Tensor, pos: int, n_pages: torch.Ten
     window = [min(s.forced_window, m - a) for m, a in zip(n, sinks)]
     lo, hi = torch.tensor(sinks, device=dev), torch.tensor([m - w for m, w in zip(n, window)], device=dev)
     k = keys[:, :, :K].float()
-    fill = P * page - K
+    fill = P * page - k.shape[2]  # alternatives: the own-key slot too (its page is never a candidate)
     k_hi = torch.cat([k, k.new_full((B, Hkv, fill, hd), float("-inf"))], 2) if fill else k
     k_lo = torch.cat([k, k.new_full((B, Hkv, fill, hd), float("inf"))], 2) if fill else k
     kmax = k_hi.view(B, Hkv, P, page, hd).amax(3)

@@ -80,6 +80,7 @@ def run_bench(model, model_name: str, kv_lens=(256, 1024), actions=None, steps: 
             for a in actions:
                 times[a].append(timer(lambda: one(a)))
         dense_ms = statistics.median(times[actions[0]]) if actions[0].is_dense else None
+        nbytes = {a: sum(cost.step_bytes(a, kv_len, el).values()) for a in actions}
         for a in actions:
             ms = statistics.median(times[a])
             rows.append(dict(
@@ -90,9 +91,8 @@ def run_bench(model, model_name: str, kv_lens=(256, 1024), actions=None, steps: 
                 torch_macs_unweighted=torch_step_macs(engine, a, kv_len) if counters else float("nan"),
                 analytic_macs_unweighted=cost.step_macs(a, kv_len, bit_weighted=False),
                 flop_keep=cost.flop_keep(a, kv_len), net_keep=a.net_keep,
-                step_bytes=sum(cost.step_bytes(a, kv_len, el).values()),
-                bytes_keep=sum(cost.step_bytes(a, kv_len, el).values()) / sum(cost.step_bytes(Action(), kv_len,
-                                                                                               el).values()),
+                step_bytes=nbytes[a],
+                bytes_keep=nbytes[a] / sum(cost.step_bytes(Action(), kv_len, el).values()),
                 median_ms=ms, time_ratio=ms / dense_ms if dense_ms else float("nan"),
                 device=str(engine.device), threads=torch.get_num_threads(), timer="cuda_events" if timer.cuda else "perf_counter",
             ))

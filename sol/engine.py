@@ -231,16 +231,16 @@ class Engine(nn.Module):
                 not all(t >= 1.0 for g in groups for t, _ in g):
             pages = torch.tensor(quest_pages(levels, [pos + j + 1 for j in range(T) for _ in range(B)],
                                              self.settings)).view(T, B).t()
+        kept_meta = (self.mode == "compute" and self.settings.criterion == "quest" and cache.pad is None
+                     and any(t < 1.0 for g in groups for t, _ in g))  # QUEST page metadata, kept by the cache
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             q, k, v = self._qkv(a, layer.input_layernorm(x), cos, sin)
             cache.k[i][:, :, pos:kv_len] = k
             cache.v[i][:, :, pos:kv_len] = v
             keys, vals = self._heads(i, cache.k[i][:, :, :kv_len], cache.v[i][:, :, :kv_len])
-            meta = None
-            if self.mode == "compute" and self.settings.criterion == "quest" and cache.pad is None and \
-                    any(t < 1.0 for g in groups for t, _ in g):  # QUEST page metadata, kept by the cache
-                meta = self._heads(i, *cache.page_meta(i, self.settings.page_size, kv_len // self.settings.page_size))
+            meta = (self._heads(i, *cache.page_meta(i, self.settings.page_size, kv_len // self.settings.page_size))
+                    if kept_meta else None)
             o = self._attend_step(q, keys, vals, pos, groups, pages, meta)  # [B,Hq,T,hd]
             x = x + a.o_proj(o.transpose(1, 2).reshape(B, T, -1))
             h = layer.post_attention_layernorm(x).reshape(B * T, -1)
@@ -249,6 +249,12 @@ class Engine(nn.Module):
         hidden = self.norm(x)
         logits = self.lm_head(hidden)
         return (logits[:, 0], hidden[:, 0]) if single else (logits, hidden)
+
+    def can_step_alternatives(self, cache: KVCache) -> bool:
+        """Whether :meth:`step_alternatives` applies to this cache (else probe the candidates one by one)."""
+        s = self.settings
+        return (self.mode == "simulate" and cache.pad is None and s.criterion == "quest"
+                and s.forced_window >= s.page_size)
 
     @torch.no_grad()
     def step_alternatives(self, ids: torch.Tensor, cache: KVCache, token_keep: torch.Tensor, prune_keep: torch.Tensor,
@@ -260,12 +266,9 @@ class Engine(nn.Module):
         written (the oracles' probes). Simulate mode, no left padding, and with QUEST a forced window of at least one
         page (the page metadata then never holds the step's own key, which differs between candidates)."""
         s = self.settings
-        if self.mode != "simulate" or cache.pad is not None:
-            raise ValueError("step_alternatives needs simulate mode and an unpadded cache")
-        if s.criterion == "quest" and s.forced_window < s.page_size:
-            raise ValueError("step_alternatives with QUEST needs window >= page_size")
-        if s.criterion != "quest":
-            raise ValueError("step_alternatives supports the quest criterion only")
+        if not self.can_step_alternatives(cache):
+            raise ValueError("step_alternatives needs simulate mode, an unpadded cache and QUEST with window >= "
+                             "page_size")
         B, C = token_keep.shape
         pos = cache.length
         x = self.embed(ids.to(self.device))[:, None].expand(B, C, -1)
@@ -286,7 +289,7 @@ class Engine(nn.Module):
             s_self = (q.view(B, n_kv, g, C, hd) * k_self[:, :, None]).sum(-1).view(B, Hq, C, 1)
             scores = torch.cat([s_cache, s_self], -1) * self.scaling               # [B, H, C, pos + 1]
             if pages is not None:
-                allowed = quest_mask(q, torch.cat([keys, k_self[:, :, :1]], 2), pos, pages, s, alternatives=True)
+                allowed = quest_mask(q, keys, pos, pages, s, alternatives=True)  # the cache's keys suffice
                 scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
             p = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
             o = (p[..., :pos].reshape(B, n_kv, g * C, pos) @ vals).view(B, Hq, C, hd)

@@ -448,14 +448,12 @@ class _Prober:
         logits buffer within ``buffer_mb``) where the engine allows it, else one probe each; the same numbers either
         way (fp64; in fp32 a fake-quantised value on a rounding boundary may round the other way)."""
         e, B = self.rt.engine, self.blocks.shape[0]
-        s = e.settings
-        if not self.batched or e.mode != "simulate" or self.cache.pad is not None or s.criterion != "quest" or \
-                s.forced_window < s.page_size:
-            ref = self(torch.full((B,), reference))[1][0]
-            out = [self(torch.full((B,), a)) for a in candidates]
-            nll = torch.stack([o[0] for o in out], 1)
-            kl = torch.stack([torch.zeros(B) if a == reference else (ref.exp() * (ref - o[1][0])).sum(-1)
-                              for a, o in zip(candidates, out)], 1)
+        if not (self.batched and e.can_step_alternatives(self.cache)):
+            out = {a: self(torch.full((B,), a)) for a in dict.fromkeys([reference, *candidates])}  # each probed once
+            ref = out[reference][1][0]
+            nll = torch.stack([out[a][0] for a in candidates], 1)
+            kl = torch.stack([torch.zeros(B) if a == reference else (ref.exp() * (ref - out[a][1][0])).sum(-1)
+                              for a in candidates], 1)
             return nll, kl
         acts = torch.tensor([reference] + list(candidates))                       # the reference first
         C = len(acts)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -43,7 +44,7 @@ from sol import prefix
 from sol.cost import CostModel
 from sol.engine import Engine
 from sol.errors import SolError
-from sol.io import atomic_path, write_text
+from sol.io import atomic_path, write_csv, write_text
 from sol.policy import Policy, PolicyConfig, PolicyController, n_params, size_for
 from sol.runtime import Runtime
 
@@ -427,7 +428,7 @@ class Trainer:
         resumed = self.try_resume()
         if c.oracle_init_blocks and not resumed:  # once, before GRPO; checkpointed, so a resumed run skips it
             self.meta["oracle_init"] = self.oracle_init()
-            write_text(self.out / "oracle_init.csv", pd_csv(self.meta["oracle_init"]))
+            write_csv(self.out / "oracle_init.csv", pd.DataFrame(self.meta["oracle_init"]))
             self.checkpoint()
         writer = None
         if c.tensorboard and self.rank == 0:
@@ -464,14 +465,6 @@ class Trainer:
         if writer:
             writer.close()
         return final
-
-
-def pd_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def _yaml(d: dict) -> str:
