@@ -176,7 +176,7 @@ def random_violin(df: pd.DataFrame, path) -> None:
                    zorder=3)
     ax.set_xlabel("operating point (budget)")
     ax.set_ylabel("normalised perplexity (0 = best)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)  # never over a marker
     save(fig, path)
 
 
