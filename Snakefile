@@ -3,6 +3,7 @@
 configfile: "workflow/configs/default.yaml"
 
 
+include: "workflow/rules/checkout.smk"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"

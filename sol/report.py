@@ -619,7 +619,17 @@ def check(res: Path, config_path: Path | None = None) -> list[str]:
 
 
 def _canon(x) -> str:
-    return json.dumps(x, sort_keys=True)
+    """A claim field as compared by the check: keys sorted, floats to 10 significant digits (the same summaries
+    recomputed on another CPU or BLAS build may differ in the last bits; any real edit moves far more digits)."""
+    def rounded(v):
+        if isinstance(v, float):
+            return float(f"{v:.10g}")
+        if isinstance(v, dict):
+            return {k: rounded(w) for k, w in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [rounded(w) for w in v]
+        return v
+    return json.dumps(rounded(x), sort_keys=True)
 
 
 def _short(x, n: int = 90) -> str:

@@ -1,6 +1,8 @@
 """The pipeline's contracts: every config validates against workflow/schemas/config.schema.yaml and builds its DAG,
-config mistakes fail before any rule runs, and `snakemake --lint` finds nothing but the conda directive we leave out
-(rules run in the environment `make setup` builds; environment.yml cannot install the asset wheels with --no-deps)."""
+config mistakes fail before any rule runs, `snakemake --lint` finds nothing but the conda directive we leave out
+(rules run in the environment `make setup` builds; environment.yml cannot install the asset wheels with --no-deps),
+and a fresh clone plans nothing for the committed results (workflow/rules/checkout.smk)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +47,40 @@ def test_lint_finds_nothing_but_the_conda_directive():
     r = _snakemake("--lint", "--configfile", str(ROOT / "workflow" / "configs" / "ci.yaml"))
     lints = {line.strip() for line in (r.stdout + r.stderr).splitlines() if line.startswith("    * ")}
     assert lints <= {"* Specify a conda environment or container for each rule.:"}, lints
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory):
+    """A fresh clone of this checkout's HEAD, as a new user gets it (every file written at checkout time)."""
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    dst = tmp_path_factory.mktemp("clone") / "sol"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(dst)], check=True)
+    return dst
+
+
+def _dry(cwd, *args):
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-n", *args], capture_output=True, text=True, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("args", [("all",), ("results/pareto_mmlu.pdf",),
+                                  ("all", "--configfile", "workflow/configs/qwen0.5b.yaml")])
+def test_fresh_clone_has_nothing_to_do_for_the_committed_results(fresh_clone, args):
+    out = _dry(fresh_clone, *args)
+    assert "Nothing to be done" in out, out[-2000:]
+
+
+def test_fresh_clone_still_sees_a_stale_input(fresh_clone):
+    """Settling the checkout's times hides nothing: an input newer than its outputs still plans the reruns."""
+    _dry(fresh_clone, "all")  # settles once per clone
+    policy = fresh_clone / "results" / "policy" / "policy.pt"
+    policy.touch()
+    try:
+        out = _dry(fresh_clone, "all")
+        assert "Updated input files: results/policy/policy.pt" in out and "rule eval_policy" in out, out[-2000:]
+    finally:
+        stamp = int(subprocess.run(["git", "-C", str(fresh_clone), "log", "-1", "--format=%ct", "--",
+                                    "results/policy/policy.pt"], capture_output=True, text=True).stdout)
+        os.utime(policy, (stamp, stamp))

@@ -34,13 +34,14 @@ rule claims:
     input:
         rules.report.output.claims,
     output:
-        touch(f"{OUT}/.claims_checked"),
+        f"{OUT}/.claims_checked",  # the sha256 of the claims.json it passed: a new report is a new stamp to commit
     log:
         f"{OUT}/logs/claims.log",
     params:
         cmd=CMD["claims"],
     shell:
-        "{params.cmd} > {log} 2>&1 || (cat {log} >&2; exit 1)"
+        "({params.cmd} > {log} 2>&1 || (cat {log} >&2; exit 1)) && sha256sum {input} > {output}.tmp && "
+        "mv {output}.tmp {output}"
 
 
 rule all:
