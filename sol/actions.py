@@ -310,7 +310,7 @@ def quest_pages(token_keep: list[float], kv_lens: list[int], s: ActionSettings) 
 
 
 def quest_mask(q: torch.Tensor, keys: torch.Tensor, pos: int, n_pages: torch.Tensor, s: ActionSettings,
-               alternatives: bool = False) -> torch.Tensor:
+               alternatives: bool = False, meta: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Which keys each query attends to under QUEST, for T consecutive queries at once (no left padding).
 
     q: [B, Hq, T, hd] queries at positions pos..pos+T−1 (query j sees the ``pos + j + 1`` keys before it, itself
@@ -321,7 +321,9 @@ def quest_mask(q: torch.Tensor, keys: torch.Tensor, pos: int, n_pages: torch.Ten
     window ≥ page_size, never enters a candidate page's metadata), allowed [B, Hq, T, pos + 1].
 
     Page metadata is computed once for all queries; a candidate page that also holds keys a query cannot see yet
-    (possible only when window < page_size) gets that query's own metadata over the keys it sees."""
+    (possible only when window < page_size) gets that query's own metadata over the keys it sees. ``meta``: the key
+    (max, min) [B, Hkv, Pc, hd] of the first Pc complete pages, already kept (``KVCache.page_meta``); only the keys
+    after them are summarised here (the same values: max and min are exact)."""
     B, Hq, T, hd = q.shape
     Hkv, K = keys.shape[1], pos + (1 if alternatives else T)
     page, dev = s.page_size, q.device
@@ -331,11 +333,15 @@ def quest_mask(q: torch.Tensor, keys: torch.Tensor, pos: int, n_pages: torch.Ten
     window = [min(s.forced_window, m - a) for m, a in zip(n, sinks)]
     lo, hi = torch.tensor(sinks, device=dev), torch.tensor([m - w for m, w in zip(n, window)], device=dev)
     k = keys[:, :, :K].float()
-    fill = P * page - k.shape[2]  # alternatives: the own-key slot too (its page is never a candidate)
-    k_hi = torch.cat([k, k.new_full((B, Hkv, fill, hd), float("-inf"))], 2) if fill else k
-    k_lo = torch.cat([k, k.new_full((B, Hkv, fill, hd), float("inf"))], 2) if fill else k
-    kmax = k_hi.view(B, Hkv, P, page, hd).amax(3)
-    kmin = k_lo.view(B, Hkv, P, page, hd).amin(3)
+    done = 0 if meta is None else meta[0].shape[2]  # pages summarised already
+    rest = k[:, :, done * page:]
+    fill = (P - done) * page - rest.shape[2]  # alternatives: the own-key slot too (its page is never a candidate)
+    k_hi = torch.cat([rest, rest.new_full((B, Hkv, fill, hd), float("-inf"))], 2) if fill else rest
+    k_lo = torch.cat([rest, rest.new_full((B, Hkv, fill, hd), float("inf"))], 2) if fill else rest
+    kmax = k_hi.view(B, Hkv, P - done, page, hd).amax(3)
+    kmin = k_lo.view(B, Hkv, P - done, page, hd).amin(3)
+    if done:
+        kmax, kmin = torch.cat([meta[0].float(), kmax], 2), torch.cat([meta[1].float(), kmin], 2)
     g = Hq // Hkv
     qg = q.float().reshape(B, Hkv, g * T, hd)
     score = (qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)).view(B, Hq, T, P)

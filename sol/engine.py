@@ -231,8 +231,9 @@ class Engine(nn.Module):
                 not all(t >= 1.0 for g in groups for t, _ in g):
             pages = torch.tensor(quest_pages(levels, [pos + j + 1 for j in range(T) for _ in range(B)],
                                              self.settings)).view(T, B).t()
-        kept_meta = (self.mode == "compute" and self.settings.criterion == "quest" and cache.pad is None
-                     and any(t < 1.0 for g in groups for t, _ in g))  # QUEST page metadata, kept by the cache
+        kept_meta = ((self.mode == "compute" or pages is not None) and self.settings.criterion == "quest"
+                     and cache.pad is None and any(t < 1.0 for g in groups for t, _ in g))  # QUEST page metadata,
+        # kept by the cache (simulate mode: the complete pages of quest_mask's metadata)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             q, k, v = self._qkv(a, layer.input_layernorm(x), cos, sin)
@@ -348,7 +349,7 @@ class Engine(nn.Module):
         if all(t >= 1.0 and p == 0 for g in groups for t, p in g):
             return self._attend_dense(q, keys, vals, None if T == 1 else causal)
         if pages is not None:
-            return self._attend_dense(q, keys, vals, quest_mask(q, keys, pos, pages, self.settings))
+            return self._attend_dense(q, keys, vals, quest_mask(q, keys, pos, pages, self.settings, meta=meta))
         if self.mode == "simulate":
             allowed = causal.expand(B, Hq, T, kv_len).clone()
             for j, g in enumerate(groups):

@@ -128,6 +128,9 @@ def test_quest_mask_is_select_tokens_for_every_query(s):
     lv = [round(float(v), 6) for v in levels.t().reshape(-1)]
     pages = torch.tensor(quest_pages(lv, [pos + j + 1 for j in range(T) for _ in range(B)], s)).view(T, B).t()
     mask = quest_mask(q, keys, pos, pages, s)
+    for done in (1, (pos + T) // s.page_size):  # complete pages' metadata kept by the cache (KVCache.page_meta)
+        pk = keys[:, :, :done * s.page_size].reshape(B, Hkv, done, s.page_size, hd)
+        assert torch.equal(quest_mask(q, keys, pos, pages, s, meta=(pk.amax(3), pk.amin(3))), mask), done
     for b in range(B):
         for j in range(T):
             n, level = pos + j + 1, float(levels[b, j])
