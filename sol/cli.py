@@ -225,6 +225,12 @@ def cmd_lm_eval(args) -> None:
     lm_eval.__main__.cli_evaluate()
 
 
+def cmd_export(args) -> None:
+    from sol.models import export
+
+    print(f"wrote {export(args.model, args.out, args.dtype)}")
+
+
 def _text_blocks(args, tok, length: int):
     import torch
 
@@ -598,6 +604,13 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--config", help="config file whose sha256 the provenance must match")
     cl.add_argument("--sanity", action="store_true", help="also apply loose sanity bounds (fresh CI runs)")
     cl.set_defaults(func=cmd_claims)
+
+    ex = sub.add_parser("export", help="write a model as a plain HF folder (weights, config, tokenizer) that "
+                                       "from_pretrained and `lm_eval --model hf` load")
+    ex.add_argument("model", help="any model sol loads: a packaged name, a .gguf file, a folder, a hub id")
+    ex.add_argument("out", help="the folder to write (must not exist, or be empty)")
+    ex.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ex.set_defaults(func=cmd_export)
 
     le = sub.add_parser("lm-eval", help="lm-eval's own CLI with --model sol registered", add_help=False)
     le.add_argument("rest", nargs=argparse.REMAINDER)

@@ -20,7 +20,8 @@ import os
 import sys
 from collections import defaultdict
 
-import torch
+import lm_eval.models  # noqa: F401 - lm-eval's own models (hf, ...) first: it fills its registry lazily only
+import torch             # while the registry is empty, so registering `sol` first would hide them
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm

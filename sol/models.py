@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -208,14 +209,57 @@ def _packaged(asset: Asset, dtype):
         # A GGUF-loaded model refuses save_pretrained(): copy its weights into a freshly built model and save that.
         fresh = type(model)(model.config)
         fresh.load_state_dict(model.state_dict())
+        _drop_quantization(fresh.config)  # the weights are dequantised: a plain HF folder, not a GGUF one
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    _plain_config(target)
     tok = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     return model, tok
+
+
+def _drop_quantization(config) -> None:
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+
+
+def _plain_config(folder: Path) -> None:
+    """Caches written before the cache became a plain HF folder still name the GGUF in ``quantization_config``,
+    which stops ``from_pretrained(folder)`` and ``lm_eval --model hf``: drop it (atomic rewrite)."""
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    if (cfg.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return
+    del cfg["quantization_config"]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def export(name_or_path: str, out: str | Path, dtype: torch.dtype | str = torch.float32) -> Path:
+    """Write ``name_or_path`` (any model :func:`load` takes) as a plain HF folder (weights, config, tokenizer) that
+    ``AutoModelForCausalLM.from_pretrained`` and ``lm_eval --model hf`` load. Atomic: the folder appears complete or
+    not at all; an existing non-empty ``out`` is refused."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SolError(f"{out} exists and is not an empty folder")
+    model, tok = load(name_or_path, dtype=dtype)
+    _drop_quantization(model.config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32, seed: int = 0,

@@ -125,3 +125,37 @@ def test_matched_mix_realises_a_total_keep_on_the_same_questions(tiny_llama):
     # jumps are a few steps wide: within 4 steps' largest swing of the goal
     table = lm.runtime.cost.keep_table(grid, 16)
     assert abs(dry["flop_keep"] - goal) <= 4 * float(table.max() - table.min()) / dry["steps"]
+
+
+def test_exported_model_scores_the_same_under_lm_evals_hf_and_sol(tasks, tmp_path):
+    """`sol export` writes a plain HF folder: lm-eval's own `hf` model (kept by the passthrough) and our dense `sol`
+    model load it and give the same accuracy and per-choice log-likelihoods, through the real CLIs."""
+    import json
+
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+    folder = tmp_path / "tiny"
+    r = subprocess.run([sys.executable, "-m", "sol.cli", "export", "tiny-llama", str(folder)], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0 and "quantization_config" not in (folder / "config.json").read_text(), r.stderr[-2000:]
+    got = {}
+    for name, args in (("hf", f"pretrained={folder},dtype=float32"), ("sol", f"model={folder},controller=dense")):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, "-m", "sol.cli", "lm-eval", "--model", name, "--model_args", args,
+                            "--tasks", SUBTASKS[0], "--include_path", str(tasks), "--limit", "6", "--device", "cpu",
+                            "--output_path", str(out), "--log_samples"], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads(next(out.rglob("results_*.json")).read_text())["results"][SUBTASKS[0]]
+        samples = [json.loads(line) for line in next(out.rglob("samples_*.jsonl")).read_text().splitlines()]
+        got[name] = res["acc,none"], [[float(x[0]) for x in s["filtered_resps"]] for s in samples]
+    assert got["hf"][0] == got["sol"][0]
+    np.testing.assert_allclose(got["hf"][1], got["sol"][1], atol=1e-4)
+
+
+def test_a_cache_written_as_a_gguf_folder_becomes_a_plain_one(tmp_path):
+    from sol.models import _plain_config
+
+    cfg = {"model_type": "llama", "quantization_config": {"quant_method": "gguf", "gguf_file": "x.gguf"}}
+    (tmp_path / "config.json").write_text(__import__("json").dumps(cfg))
+    _plain_config(tmp_path)
+    assert __import__("json").loads((tmp_path / "config.json").read_text()) == {"model_type": "llama"}
