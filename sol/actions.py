@@ -332,9 +332,8 @@ def quest_mask(q: torch.Tensor, keys: torch.Tensor, pos: int, n_pages: torch.Ten
     sinks = [min(s.forced_sinks, m) for m in n]
     window = [min(s.forced_window, m - a) for m, a in zip(n, sinks)]
     lo, hi = torch.tensor(sinks, device=dev), torch.tensor([m - w for m, w in zip(n, window)], device=dev)
-    k = keys[:, :, :K].float()
     done = 0 if meta is None else meta[0].shape[2]  # pages summarised already
-    rest = k[:, :, done * page:]
+    rest = keys[:, :, done * page:K].float()
     fill = (P - done) * page - rest.shape[2]  # alternatives: the own-key slot too (its page is never a candidate)
     k_hi = torch.cat([rest, rest.new_full((B, Hkv, fill, hd), float("-inf"))], 2) if fill else rest
     k_lo = torch.cat([rest, rest.new_full((B, Hkv, fill, hd), float("inf"))], 2) if fill else rest
@@ -348,7 +347,8 @@ def quest_mask(q: torch.Tensor, keys: torch.Tensor, pos: int, n_pages: torch.Ten
     for j, m in enumerate(n):  # the page holding key m−1 is partial for query j: its metadata stops at key m−1
         p = (m - 1) // page
         if m % page and p <= (m - window[j] - 1) // page:  # (never when window ≥ page_size, as by default)
-            mx, mn = k[:, :, p * page:m].amax(2), k[:, :, p * page:m].amin(2)  # [B, Hkv, hd]
+            seen = keys[:, :, p * page:m].float()
+            mx, mn = seen.amax(2), seen.amin(2)  # [B, Hkv, hd]
             qj = qg.view(B, Hkv, g, T, hd)[:, :, :, j]
             score[:, :, j, p] = (qj.clamp(min=0) @ mx[..., None] + qj.clamp(max=0) @ mn[..., None]).reshape(B, Hq)
     page_idx = torch.arange(P, device=dev)

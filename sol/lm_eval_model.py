@@ -20,8 +20,10 @@ import os
 import sys
 from collections import defaultdict
 
-import lm_eval.models  # noqa: F401 - lm-eval's own models (hf, ...) first: it fills its registry lazily only
-import torch             # while the registry is empty, so registering `sol` first would hide them
+# lm-eval's own models (hf, ...) first: lm-eval fills its model registry lazily, and only while the registry is
+# empty, so registering `sol` into it first would hide them
+import lm_eval.models  # noqa: F401
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm

@@ -206,13 +206,9 @@ def _packaged(asset: Asset, dtype):
         gguf = asset_gguf(asset)
         model, tok = _from_gguf(gguf.parent, gguf.name, torch.float32)
         _check_architecture(model.config)
-        # A GGUF-loaded model refuses save_pretrained(): copy its weights into a freshly built model and save that.
-        fresh = type(model)(model.config)
-        fresh.load_state_dict(model.state_dict())
-        _drop_quantization(fresh.config)  # the weights are dequantised: a plain HF folder, not a GGUF one
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        fresh.save_pretrained(tmp)
+        _plain(model).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
     _plain_config(target)
@@ -221,9 +217,16 @@ def _packaged(asset: Asset, dtype):
     return model, tok
 
 
-def _drop_quantization(config) -> None:
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+def _plain(model):
+    """A GGUF-loaded model refuses save_pretrained() and names the GGUF in its config: the same weights (dequantised)
+    in a freshly built model without ``quantization_config``, a plain HF model. Other models pass through."""
+    if getattr(model.config, "quantization_config", None) is None:
+        return model
+    config = model.config
+    del config.quantization_config
+    fresh = type(model)(config).to(model.dtype)
+    fresh.load_state_dict(model.state_dict())
+    return fresh
 
 
 def _plain_config(folder: Path) -> None:
@@ -247,11 +250,10 @@ def export(name_or_path: str, out: str | Path, dtype: torch.dtype | str = torch.
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SolError(f"{out} exists and is not an empty folder")
     model, tok = load(name_or_path, dtype=dtype)
-    _drop_quantization(model.config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        model.save_pretrained(tmp)
+        _plain(model).save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if out.exists():
             out.rmdir()

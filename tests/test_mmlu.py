@@ -1,4 +1,5 @@
 """MMLU offline data, generated lm-eval tasks, and the `sol` lm-eval model (dense equals lm-eval's hf model)."""
+import json
 import subprocess
 import sys
 
@@ -130,8 +131,6 @@ def test_matched_mix_realises_a_total_keep_on_the_same_questions(tiny_llama):
 def test_exported_model_scores_the_same_under_lm_evals_hf_and_sol(tasks, tmp_path):
     """`sol export` writes a plain HF folder: lm-eval's own `hf` model (kept by the passthrough) and our dense `sol`
     model load it and give the same accuracy and per-choice log-likelihoods, through the real CLIs."""
-    import json
-
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
            "HOME": str(tmp_path)}
     folder = tmp_path / "tiny"
@@ -156,6 +155,6 @@ def test_a_cache_written_as_a_gguf_folder_becomes_a_plain_one(tmp_path):
     from sol.models import _plain_config
 
     cfg = {"model_type": "llama", "quantization_config": {"quant_method": "gguf", "gguf_file": "x.gguf"}}
-    (tmp_path / "config.json").write_text(__import__("json").dumps(cfg))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     _plain_config(tmp_path)
-    assert __import__("json").loads((tmp_path / "config.json").read_text()) == {"model_type": "llama"}
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "llama"}
